@@ -1,0 +1,662 @@
+package graph
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/onnxlora/onnxlora/graph/onnxpb"
+)
+
+// Graph indexes a GraphProto: who produces and who consumes each value, the
+// initializers and Constant nodes by name, and the subgraphs in node
+// attributes. Nested graphs see the names of the graphs around them, as ONNX
+// scoping rules say.
+//
+// The index is a snapshot: after editing Proto directly, call Reindex on the
+// outermost graph. The edit methods on Graph keep the index up to date.
+type Graph struct {
+	Proto *onnxpb.GraphProto
+	// Parent is the graph whose node holds this one, or nil at the top.
+	Parent *Graph
+	// Owner is the node whose attribute holds this graph, or nil at the top.
+	Owner *onnxpb.NodeProto
+	// Subgraphs are the graphs held in this graph's node attributes.
+	Subgraphs []*Graph
+
+	producer     map[string]*onnxpb.NodeProto
+	consumers    map[string][]*onnxpb.NodeProto
+	initializers map[string]*onnxpb.TensorProto
+	inputs       map[string]*onnxpb.ValueInfoProto
+	outputs      map[string]*onnxpb.ValueInfoProto
+	names        *nameSet // shared by a whole tree of graphs
+}
+
+// nameSet records every value and node name used anywhere in a model, so new
+// names are unique across all scopes.
+type nameSet struct {
+	used map[string]bool
+}
+
+// NewGraph indexes g and, recursively, its subgraphs.
+func NewGraph(g *onnxpb.GraphProto) *Graph {
+	gr := &Graph{Proto: g}
+	gr.Reindex()
+	return gr
+}
+
+// Graph returns the index of the model's main graph.
+func (m *Model) Graph() *Graph {
+	return NewGraph(m.Proto.Graph)
+}
+
+// Reindex rebuilds the index of this graph and everything below it after
+// direct edits to the protobuf.
+// Names once seen stay reserved, so UniqueName never hands out a name that
+// an older index of the same model still knows.
+func (g *Graph) Reindex() {
+	if g.names == nil {
+		g.names = &nameSet{used: map[string]bool{}}
+	}
+	g.index(g.names)
+}
+
+func (g *Graph) index(names *nameSet) {
+	g.names = names
+	g.producer = map[string]*onnxpb.NodeProto{}
+	g.consumers = map[string][]*onnxpb.NodeProto{}
+	g.initializers = map[string]*onnxpb.TensorProto{}
+	g.inputs = map[string]*onnxpb.ValueInfoProto{}
+	g.outputs = map[string]*onnxpb.ValueInfoProto{}
+	g.Subgraphs = nil
+	p := g.Proto
+	for _, t := range p.Initializer {
+		g.initializers[t.GetName()] = t
+		names.used[t.GetName()] = true
+	}
+	for _, st := range p.SparseInitializer {
+		if st.Values != nil {
+			names.used[st.Values.GetName()] = true
+		}
+	}
+	for _, vi := range p.Input {
+		g.inputs[vi.GetName()] = vi
+		names.used[vi.GetName()] = true
+	}
+	for _, vi := range p.Output {
+		g.outputs[vi.GetName()] = vi
+	}
+	for _, n := range p.Node {
+		if n.GetName() != "" {
+			names.used[n.GetName()] = true
+		}
+		for _, out := range n.Output {
+			if out != "" {
+				g.producer[out] = n
+				names.used[out] = true
+			}
+		}
+		for _, in := range n.Input {
+			if in != "" {
+				g.consumers[in] = appendOnce(g.consumers[in], n)
+			}
+		}
+		for _, sub := range nodeSubgraphs(n) {
+			sg := &Graph{Proto: sub, Parent: g, Owner: n}
+			sg.index(names)
+			g.Subgraphs = append(g.Subgraphs, sg)
+			// A subgraph reading an outer value makes its owner node a
+			// consumer of that value here.
+			for name := range sg.outerReads() {
+				g.consumers[name] = appendOnce(g.consumers[name], n)
+			}
+		}
+	}
+}
+
+func appendOnce(nodes []*onnxpb.NodeProto, n *onnxpb.NodeProto) []*onnxpb.NodeProto {
+	for _, have := range nodes {
+		if have == n {
+			return nodes
+		}
+	}
+	return append(nodes, n)
+}
+
+// outerReads returns the names this graph (and its subgraphs) read without
+// defining them: values captured from enclosing scopes.
+func (g *Graph) outerReads() map[string]bool {
+	reads := map[string]bool{}
+	for name := range g.consumers {
+		if !g.definesLocally(name) {
+			reads[name] = true
+		}
+	}
+	return reads
+}
+
+func (g *Graph) definesLocally(name string) bool {
+	_, isInit := g.initializers[name]
+	_, isInput := g.inputs[name]
+	_, isProduced := g.producer[name]
+	return isInit || isInput || isProduced
+}
+
+// Walk calls fn for g and every graph nested in it, outermost first.
+func (g *Graph) Walk(fn func(*Graph)) {
+	fn(g)
+	for _, sg := range g.Subgraphs {
+		sg.Walk(fn)
+	}
+}
+
+// Producer returns the node in this graph that outputs name, or nil.
+func (g *Graph) Producer(name string) *onnxpb.NodeProto { return g.producer[name] }
+
+// Consumers returns the nodes in this graph that read name, directly or
+// through a subgraph they hold.
+func (g *Graph) Consumers(name string) []*onnxpb.NodeProto { return g.consumers[name] }
+
+// Initializer returns the initializer called name, looking in enclosing
+// graphs too, and the graph that holds it.
+func (g *Graph) Initializer(name string) (*onnxpb.TensorProto, *Graph) {
+	for s := g; s != nil; s = s.Parent {
+		if _, shadowed := s.producer[name]; shadowed {
+			return nil, nil
+		}
+		if t, ok := s.initializers[name]; ok {
+			return t, s
+		}
+		if _, isInput := s.inputs[name]; isInput && s.Parent != nil {
+			return nil, nil // a subgraph input shadows outer names
+		}
+	}
+	return nil, nil
+}
+
+// IsGraphInput reports whether name is an input of this graph.
+func (g *Graph) IsGraphInput(name string) bool { _, ok := g.inputs[name]; return ok }
+
+// IsGraphOutput reports whether name is an output of this graph.
+func (g *Graph) IsGraphOutput(name string) bool { _, ok := g.outputs[name]; return ok }
+
+// IsOverridableInitializer reports whether name is an initializer that is
+// also a graph input, so a caller may feed another value at run time: it is
+// not a constant.
+func (g *Graph) IsOverridableInitializer(name string) bool {
+	_, isInit := g.initializers[name]
+	_, isInput := g.inputs[name]
+	return isInit && isInput
+}
+
+// ConstantTensor returns the constant tensor behind name: an initializer
+// (not overridable as a graph input) or the value of a Constant node, in this
+// graph or an enclosing one. The node is the Constant node, if any.
+func (g *Graph) ConstantTensor(name string) (*onnxpb.TensorProto, *onnxpb.NodeProto, *Graph) {
+	for s := g; s != nil; s = s.Parent {
+		if n, ok := s.producer[name]; ok {
+			if n.GetOpType() == "Constant" && isDefaultDomain(n.GetDomain()) {
+				if t := constantValue(n); t != nil {
+					return t, n, s
+				}
+			}
+			return nil, nil, nil
+		}
+		if t, ok := s.initializers[name]; ok {
+			if s.IsGraphInput(name) {
+				return nil, nil, nil
+			}
+			return t, nil, s
+		}
+		if s.IsGraphInput(name) {
+			return nil, nil, nil
+		}
+	}
+	return nil, nil, nil
+}
+
+func isDefaultDomain(d string) bool { return d == "" || d == "ai.onnx" }
+
+// constantValue returns the tensor a Constant node produces, for the value
+// attribute; the value_float(s)/value_int(s) forms are returned as tensors too.
+func constantValue(n *onnxpb.NodeProto) *onnxpb.TensorProto {
+	for _, a := range n.Attribute {
+		switch a.GetName() {
+		case "value":
+			return a.T
+		case "value_float":
+			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Float)), FloatData: []float32{a.GetF()}}
+		case "value_floats":
+			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Float)), Dims: []int64{int64(len(a.Floats))}, FloatData: a.Floats}
+		case "value_int":
+			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Int64)), Int64Data: []int64{a.GetI()}}
+		case "value_ints":
+			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Int64)), Dims: []int64{int64(len(a.Ints))}, Int64Data: a.Ints}
+		}
+	}
+	return nil
+}
+
+// Attr returns the node attribute called name, or nil.
+func Attr(n *onnxpb.NodeProto, name string) *onnxpb.AttributeProto {
+	for _, a := range n.Attribute {
+		if a.GetName() == name {
+			return a
+		}
+	}
+	return nil
+}
+
+// AttrInt returns an INT attribute's value, or def when absent.
+func AttrInt(n *onnxpb.NodeProto, name string, def int64) int64 {
+	if a := Attr(n, name); a != nil {
+		return a.GetI()
+	}
+	return def
+}
+
+// AttrFloat returns a FLOAT attribute's value, or def when absent.
+func AttrFloat(n *onnxpb.NodeProto, name string, def float32) float32 {
+	if a := Attr(n, name); a != nil {
+		return a.GetF()
+	}
+	return def
+}
+
+// AttrInts returns an INTS attribute's values, or nil when absent.
+func AttrInts(n *onnxpb.NodeProto, name string) []int64 {
+	if a := Attr(n, name); a != nil {
+		return a.Ints
+	}
+	return nil
+}
+
+// IsUsed reports whether a value or node name is taken anywhere in the
+// model this graph belongs to.
+func (g *Graph) IsUsed(name string) bool { return g.names.used[name] }
+
+// UniqueName returns base if no value or node anywhere in the model uses it,
+// else base with the smallest suffix "_N" that is free, and reserves it.
+func (g *Graph) UniqueName(base string) string {
+	name := base
+	for i := 1; g.names.used[name]; i++ {
+		name = base + "_" + strconv.Itoa(i)
+	}
+	g.names.used[name] = true
+	return name
+}
+
+// AddNode appends a node to the graph and indexes it. Call Toposort when the
+// order matters.
+func (g *Graph) AddNode(n *onnxpb.NodeProto) {
+	g.Proto.Node = append(g.Proto.Node, n)
+	g.indexNode(n)
+}
+
+// InsertNodesAfter inserts nodes right after the node at, in order, so a
+// sorted graph stays sorted when the new nodes only read values available
+// at that point.
+func (g *Graph) InsertNodesAfter(at *onnxpb.NodeProto, nodes ...*onnxpb.NodeProto) error {
+	i := g.nodeIndex(at)
+	if i < 0 {
+		return fmt.Errorf("node %q is not in graph %q", at.GetName(), g.Proto.GetName())
+	}
+	rest := append([]*onnxpb.NodeProto{}, g.Proto.Node[i+1:]...)
+	g.Proto.Node = append(append(g.Proto.Node[:i+1], nodes...), rest...)
+	for _, n := range nodes {
+		g.indexNode(n)
+	}
+	return nil
+}
+
+func (g *Graph) nodeIndex(n *onnxpb.NodeProto) int {
+	for i, have := range g.Proto.Node {
+		if have == n {
+			return i
+		}
+	}
+	return -1
+}
+
+func (g *Graph) indexNode(n *onnxpb.NodeProto) {
+	if n.GetName() != "" {
+		g.names.used[n.GetName()] = true
+	}
+	for _, out := range n.Output {
+		if out != "" {
+			g.producer[out] = n
+			g.names.used[out] = true
+		}
+	}
+	for _, in := range n.Input {
+		if in != "" {
+			g.consumers[in] = appendOnce(g.consumers[in], n)
+		}
+	}
+}
+
+// RemoveNode deletes a node from the graph. Values it produced lose their
+// producer; their consumers are not changed.
+func (g *Graph) RemoveNode(n *onnxpb.NodeProto) error {
+	i := g.nodeIndex(n)
+	if i < 0 {
+		return fmt.Errorf("node %q is not in graph %q", n.GetName(), g.Proto.GetName())
+	}
+	g.Proto.Node = append(g.Proto.Node[:i], g.Proto.Node[i+1:]...)
+	for _, out := range n.Output {
+		if g.producer[out] == n {
+			delete(g.producer, out)
+		}
+	}
+	for _, in := range n.Input {
+		g.consumers[in] = removeNode(g.consumers[in], n)
+	}
+	return nil
+}
+
+func removeNode(nodes []*onnxpb.NodeProto, n *onnxpb.NodeProto) []*onnxpb.NodeProto {
+	out := nodes[:0]
+	for _, have := range nodes {
+		if have != n {
+			out = append(out, have)
+		}
+	}
+	return out
+}
+
+// SetInput changes input i of node n to value, keeping the index current.
+func (g *Graph) SetInput(n *onnxpb.NodeProto, i int, value string) {
+	old := n.Input[i]
+	n.Input[i] = value
+	if !contains(n.Input, old) {
+		g.consumers[old] = removeNode(g.consumers[old], n)
+	}
+	if value != "" {
+		g.consumers[value] = appendOnce(g.consumers[value], n)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// SetOutput renames output i of node n, keeping the index current. Readers
+// of the old name are not changed.
+func (g *Graph) SetOutput(n *onnxpb.NodeProto, i int, value string) {
+	old := n.Output[i]
+	if g.producer[old] == n {
+		delete(g.producer, old)
+	}
+	n.Output[i] = value
+	if value != "" {
+		g.producer[value] = n
+		g.names.used[value] = true
+	}
+}
+
+// ReplaceUses makes every consumer of old in this graph read replacement
+// instead, except the nodes listed in keep. Graph outputs named old are
+// renamed too unless keepOutputs is set. Uses inside subgraphs are
+// rewritten as well.
+func (g *Graph) ReplaceUses(old, replacement string, keepOutputs bool, keep ...*onnxpb.NodeProto) {
+	skip := map[*onnxpb.NodeProto]bool{}
+	for _, n := range keep {
+		skip[n] = true
+	}
+	for _, n := range append([]*onnxpb.NodeProto(nil), g.consumers[old]...) {
+		if skip[n] {
+			continue
+		}
+		for i, in := range n.Input {
+			if in == old {
+				g.SetInput(n, i, replacement)
+			}
+		}
+		for _, sg := range g.Subgraphs {
+			if sg.Owner == n && !sg.definesLocally(old) {
+				sg.replaceCaptured(old, replacement)
+				g.consumers[old] = removeNode(g.consumers[old], n)
+				g.consumers[replacement] = appendOnce(g.consumers[replacement], n)
+			}
+		}
+	}
+	if !keepOutputs {
+		for _, vi := range g.Proto.Output {
+			if vi.GetName() == old {
+				vi.Name = proto.String(replacement)
+				delete(g.outputs, old)
+				g.outputs[replacement] = vi
+			}
+		}
+	}
+}
+
+// replaceCaptured renames a value captured from an outer scope.
+func (g *Graph) replaceCaptured(old, replacement string) {
+	if g.definesLocally(old) {
+		return
+	}
+	for _, n := range append([]*onnxpb.NodeProto(nil), g.consumers[old]...) {
+		for i, in := range n.Input {
+			if in == old {
+				g.SetInput(n, i, replacement)
+			}
+		}
+	}
+	for _, sg := range g.Subgraphs {
+		sg.replaceCaptured(old, replacement)
+	}
+	for _, vi := range g.Proto.Output {
+		if vi.GetName() == old {
+			vi.Name = proto.String(replacement)
+		}
+	}
+}
+
+// AddInitializer adds a tensor to the graph's initializers.
+func (g *Graph) AddInitializer(t *onnxpb.TensorProto) {
+	g.Proto.Initializer = append(g.Proto.Initializer, t)
+	g.initializers[t.GetName()] = t
+	g.names.used[t.GetName()] = true
+}
+
+// RemoveInitializer deletes an initializer, and a graph input of the same
+// name if there is one (older exporters list initializers as inputs).
+func (g *Graph) RemoveInitializer(name string) bool {
+	found := false
+	inits := g.Proto.Initializer[:0]
+	for _, t := range g.Proto.Initializer {
+		if t.GetName() == name {
+			found = true
+			continue
+		}
+		inits = append(inits, t)
+	}
+	g.Proto.Initializer = inits
+	delete(g.initializers, name)
+	if _, ok := g.inputs[name]; ok {
+		ins := g.Proto.Input[:0]
+		for _, vi := range g.Proto.Input {
+			if vi.GetName() != name {
+				ins = append(ins, vi)
+			}
+		}
+		g.Proto.Input = ins
+		delete(g.inputs, name)
+	}
+	return found
+}
+
+// Cleanup removes nodes whose outputs nobody reads (not consumers, graph
+// outputs, or subgraph captures) and initializers nobody reads, repeatedly,
+// like onnx-graphsurgeon's cleanup. Graph inputs are kept.
+func (g *Graph) Cleanup() {
+	for changed := true; changed; {
+		changed = false
+		for _, n := range append([]*onnxpb.NodeProto(nil), g.Proto.Node...) {
+			if g.isDead(n) {
+				g.RemoveNode(n)
+				changed = true
+			}
+		}
+	}
+	for _, t := range append([]*onnxpb.TensorProto(nil), g.Proto.Initializer...) {
+		name := t.GetName()
+		if len(g.consumers[name]) == 0 && !g.IsGraphOutput(name) && !g.IsGraphInput(name) {
+			g.RemoveInitializer(name)
+		}
+	}
+}
+
+func (g *Graph) isDead(n *onnxpb.NodeProto) bool {
+	for _, out := range n.Output {
+		if out != "" && (len(g.consumers[out]) > 0 || g.IsGraphOutput(out)) {
+			return false
+		}
+	}
+	return len(n.Output) > 0
+}
+
+// Toposort orders the nodes so that each comes after the producers of its
+// inputs (including values its subgraphs capture), keeping the existing
+// order wherever it is already valid. Real exporters write unsorted graphs;
+// this accepts them. A cycle is reported with the nodes on it. Subgraphs
+// are sorted too.
+func (g *Graph) Toposort() error {
+	nodes := g.Proto.Node
+	pos := make(map[*onnxpb.NodeProto]int, len(nodes))
+	for i, n := range nodes {
+		pos[n] = i
+	}
+	// deps[i] = indices of nodes in this graph that node i waits for.
+	waits := make([]int, len(nodes))
+	users := make([][]int, len(nodes))
+	for i, n := range nodes {
+		seen := map[int]bool{}
+		for _, in := range g.nodeReads(n) {
+			p, ok := g.producer[in]
+			if !ok {
+				continue
+			}
+			j := pos[p]
+			if j == i || seen[j] {
+				if j == i {
+					return fmt.Errorf("graph %q: node %s reads its own output %q", g.Proto.GetName(), nodeLabel(n), in)
+				}
+				continue
+			}
+			seen[j] = true
+			waits[i]++
+			users[j] = append(users[j], i)
+		}
+	}
+	// Kahn's algorithm with a min-heap on original position keeps the
+	// original order whenever it is valid.
+	ready := &intHeap{}
+	for i := range nodes {
+		if waits[i] == 0 {
+			ready.push(i)
+		}
+	}
+	order := make([]*onnxpb.NodeProto, 0, len(nodes))
+	for ready.len() > 0 {
+		i := ready.pop()
+		order = append(order, nodes[i])
+		for _, u := range users[i] {
+			waits[u]--
+			if waits[u] == 0 {
+				ready.push(u)
+			}
+		}
+	}
+	if len(order) != len(nodes) {
+		var stuck []string
+		for i, n := range nodes {
+			if waits[i] > 0 {
+				stuck = append(stuck, nodeLabel(n))
+			}
+		}
+		if len(stuck) > 8 {
+			stuck = append(stuck[:8], fmt.Sprintf("and %d more", len(stuck)-8))
+		}
+		return fmt.Errorf("graph %q has a cycle: nodes %s depend on each other", g.Proto.GetName(), strings.Join(stuck, ", "))
+	}
+	copy(g.Proto.Node, order)
+	for _, sg := range g.Subgraphs {
+		if err := sg.Toposort(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// nodeReads returns a node's inputs plus the outer values its subgraphs read.
+func (g *Graph) nodeReads(n *onnxpb.NodeProto) []string {
+	reads := append([]string(nil), n.Input...)
+	for _, sg := range g.Subgraphs {
+		if sg.Owner != n {
+			continue
+		}
+		var captured []string
+		for name := range sg.outerReads() {
+			captured = append(captured, name)
+		}
+		sort.Strings(captured)
+		reads = append(reads, captured...)
+	}
+	return reads
+}
+
+func nodeLabel(n *onnxpb.NodeProto) string {
+	if n.GetName() != "" {
+		return strconv.Quote(n.GetName())
+	}
+	return fmt.Sprintf("%s(-> %s)", n.GetOpType(), strings.Join(n.Output, ","))
+}
+
+// intHeap is a min-heap of ints.
+type intHeap struct{ a []int }
+
+func (h *intHeap) len() int { return len(h.a) }
+
+func (h *intHeap) push(x int) {
+	h.a = append(h.a, x)
+	for i := len(h.a) - 1; i > 0; {
+		p := (i - 1) / 2
+		if h.a[p] <= h.a[i] {
+			break
+		}
+		h.a[p], h.a[i] = h.a[i], h.a[p]
+		i = p
+	}
+}
+
+func (h *intHeap) pop() int {
+	top := h.a[0]
+	last := len(h.a) - 1
+	h.a[0] = h.a[last]
+	h.a = h.a[:last]
+	for i := 0; ; {
+		l, r, m := 2*i+1, 2*i+2, i
+		if l < len(h.a) && h.a[l] < h.a[m] {
+			m = l
+		}
+		if r < len(h.a) && h.a[r] < h.a[m] {
+			m = r
+		}
+		if m == i {
+			break
+		}
+		h.a[m], h.a[i] = h.a[i], h.a[m]
+		i = m
+	}
+	return top
+}

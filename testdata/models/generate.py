@@ -1,0 +1,773 @@
+#!/usr/bin/python3
+"""Generate the small ONNX test models in testdata/models/.
+
+Run with the Debian interpreter that has torch 1.13 and onnx 1.12:
+
+    /usr/bin/python3 testdata/models/generate.py            # or scripts/gen-testdata.sh
+
+Everything is deterministic (fixed seeds, no timestamps); re-running the
+script rewrites byte-identical files.  The script asserts for every model:
+
+  * onnx.checker.check_model(path, full_check=True) passes;
+  * a small float64 numpy reference evaluator (this onnx version has no
+    onnx.reference) run on the saved file reproduces the torch outputs;
+  * optionally (--ort-binding PATH or $ORT_NODE_BINDING), ONNX Runtime itself
+    runs the saved file and reproduces the outputs.  ONNX Runtime is not a
+    Python package here, so this goes through the onnxruntime-node native
+    binding (onnxruntime_binding.node, next to its libonnxruntime.so.1) and the
+    `node` executable.
+
+It also writes golden.json: for each model, a fixed input and the expected
+outputs (float64 reference evaluation of the saved model, rounded to 6
+significant digits) plus a tolerance, for tests of the Go runtime wrapper.
+"""
+
+import argparse
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPSET = 17
+SEED = 1234
+
+# --------------------------------------------------------------------------
+# torch models
+# --------------------------------------------------------------------------
+
+GPT_VOCAB, GPT_HIDDEN, GPT_HEADS, GPT_LAYERS, GPT_FFN, GPT_MAXPOS = 64, 32, 4, 2, 64, 32
+
+
+class GPTAttention(nn.Module):
+    """Causal self-attention written with plain torch ops (Qwen-like: q/k/v with bias, o without)."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.q_proj = nn.Linear(hidden, hidden, bias=True)
+        self.k_proj = nn.Linear(hidden, hidden, bias=True)
+        self.v_proj = nn.Linear(hidden, hidden, bias=True)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        b, t, h = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        pos = torch.arange(t, device=x.device)
+        causal = pos.unsqueeze(0) <= pos.unsqueeze(1)  # [t, t], True where key <= query
+        scores = scores.masked_fill(~causal, -1.0e4)
+        probs = torch.softmax(scores, dim=-1)
+        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, h)
+        return self.o_proj(ctx)
+
+
+class GPTMLP(nn.Module):
+    """Llama-style gated MLP, no biases."""
+
+    def __init__(self, hidden, ffn):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GPTLayer(nn.Module):
+    def __init__(self, hidden, heads, ffn):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(hidden)
+        self.self_attn = GPTAttention(hidden, heads)
+        self.post_attention_layernorm = nn.LayerNorm(hidden)
+        self.mlp = GPTMLP(hidden, ffn)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(GPT_VOCAB, GPT_HIDDEN)
+        self.embed_positions = nn.Embedding(GPT_MAXPOS, GPT_HIDDEN)
+        self.layers = nn.ModuleList([GPTLayer(GPT_HIDDEN, GPT_HEADS, GPT_FFN) for _ in range(GPT_LAYERS)])
+        self.norm = nn.LayerNorm(GPT_HIDDEN)
+
+    def forward(self, input_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed_tokens(input_ids) + self.embed_positions(pos)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+class TinyGPT(nn.Module):
+    """GPT-like decoder; lm_head is NOT tied (tying is covered by shared-weight.onnx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = GPTModel()
+        self.lm_head = nn.Linear(GPT_HIDDEN, GPT_VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        return self.lm_head(self.model(input_ids))
+
+
+BERT_VOCAB, BERT_HIDDEN, BERT_HEADS, BERT_LAYERS, BERT_FFN, BERT_MAXPOS = 64, 32, 4, 2, 64, 32
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads, self.head_dim = BERT_HEADS, BERT_HIDDEN // BERT_HEADS
+        self.query = nn.Linear(BERT_HIDDEN, BERT_HIDDEN)
+        self.key = nn.Linear(BERT_HIDDEN, BERT_HIDDEN)
+        self.value = nn.Linear(BERT_HIDDEN, BERT_HIDDEN)
+
+    def forward(self, x, ext_mask):
+        b, t, h = x.shape
+        q = self.query(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.key(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + ext_mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(b, t, h)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(BERT_HIDDEN, BERT_HIDDEN)
+        self.LayerNorm = nn.LayerNorm(BERT_HIDDEN, eps=1e-12)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dense(h) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        setattr(self, "self", BertSelfAttention())  # HF naming: attention.self.query
+        self.output = BertSelfOutput()
+
+    def forward(self, x, ext_mask):
+        return self.output(getattr(self, "self")(x, ext_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(BERT_HIDDEN, BERT_FFN)
+        self.intermediate_act_fn = nn.GELU()
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(BERT_FFN, BERT_HIDDEN)
+        self.LayerNorm = nn.LayerNorm(BERT_HIDDEN, eps=1e-12)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dense(h) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = BertAttention()
+        self.intermediate = BertIntermediate()
+        self.output = BertOutput()
+
+    def forward(self, x, ext_mask):
+        a = self.attention(x, ext_mask)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer() for _ in range(BERT_LAYERS)])
+
+    def forward(self, x, ext_mask):
+        for layer in self.layer:
+            x = layer(x, ext_mask)
+        return x
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(BERT_VOCAB, BERT_HIDDEN)
+        self.position_embeddings = nn.Embedding(BERT_MAXPOS, BERT_HIDDEN)
+        self.LayerNorm = nn.LayerNorm(BERT_HIDDEN, eps=1e-12)
+
+    def forward(self, input_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(pos))
+
+
+class BertPooler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(BERT_HIDDEN, BERT_HIDDEN)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))  # 2-D input -> exported as Gemm(transB=1)
+
+
+class TinyBert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embeddings = BertEmbeddings()
+        self.encoder = BertEncoder()
+        self.pooler = BertPooler()
+
+    def forward(self, input_ids, attention_mask):
+        ext_mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0
+        h = self.encoder(self.embeddings(input_ids), ext_mask)
+        return h, self.pooler(h)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+# --------------------------------------------------------------------------
+# float64 numpy reference evaluator (onnx 1.12 has no onnx.reference)
+# --------------------------------------------------------------------------
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+INT_TYPES = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
+
+
+def _tensor(t, base_dir):
+    a = numpy_helper.to_array(t, base_dir)
+    return a.astype(np.float64) if t.data_type in FLOAT_TYPES else a
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _layernorm(x, scale, bias, axis, eps):
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps) * scale
+    return y + bias if bias is not None else y
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _slice(x, starts, ends, axes=None, steps=None):
+    axes = list(range(len(starts))) if axes is None else [int(a) % x.ndim for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    sl = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        sl[a] = slice(int(s), int(max(min(e, 2**62), -(2**62))), int(st))
+    return x[tuple(sl)]
+
+
+def reference_run(model_path, feeds):
+    """Evaluate an ONNX model in float64 numpy. All float types are computed as float64."""
+    model = onnx.load(model_path)  # loads external data relative to the file
+    base_dir = os.path.dirname(model_path)
+    env = {t.name: _tensor(t, base_dir) for t in model.graph.initializer}
+    for name, arr in feeds.items():
+        env[name] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
+    for node in model.graph.node:
+        a = _attrs(node)
+        x = [env[i] if i else None for i in node.input]
+        op = node.op_type
+        if op == "Constant":
+            y = _tensor(a["value"], base_dir)
+        elif op == "Identity":
+            y = x[0]
+        elif op in ("Add", "Sub", "Mul", "Div", "Pow"):
+            f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}[op]
+            y = f(x[0], x[1])
+            if op == "Div" and x[0].dtype.kind in "iu":
+                y = np.trunc(y).astype(x[0].dtype)
+        elif op == "MatMul":
+            y = np.matmul(x[0], x[1])
+        elif op == "Gemm":
+            A = x[0].T if a.get("transA", 0) else x[0]
+            B = x[1].T if a.get("transB", 0) else x[1]
+            y = a.get("alpha", 1.0) * (A @ B)
+            if len(x) > 2 and x[2] is not None:
+                y = y + a.get("beta", 1.0) * x[2]
+        elif op == "Gather":
+            y = np.take(x[0], x[1], axis=a.get("axis", 0))
+        elif op == "Shape":
+            y = np.array(x[0].shape, dtype=np.int64)
+        elif op == "Reshape":
+            shape = [int(s) for s in x[1]]
+            shape = [x[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
+            y = x[0].reshape(shape)
+        elif op == "Transpose":
+            y = np.transpose(x[0], a.get("perm"))
+        elif op == "Unsqueeze":
+            y = x[0]
+            for ax in sorted(int(v) % (x[0].ndim + len(x[1])) for v in x[1]):
+                y = np.expand_dims(y, ax)
+        elif op == "Squeeze":
+            y = np.squeeze(x[0], axis=tuple(int(v) for v in x[1]))
+        elif op == "Concat":
+            y = np.concatenate(x, axis=a["axis"])
+        elif op == "Slice":
+            y = _slice(x[0], *[v for v in x[1:]])
+        elif op == "Range":
+            y = np.arange(x[0], x[1], x[2]).astype(x[0].dtype)
+        elif op == "Expand":
+            y = x[0] * np.ones([int(s) for s in x[1]], dtype=x[0].dtype)
+        elif op == "ConstantOfShape":
+            v = _tensor(a["value"], base_dir) if "value" in a else np.zeros(1)
+            y = np.full([int(s) for s in x[0]], v.reshape(-1)[0], dtype=v.dtype)
+        elif op == "Cast":
+            to = a["to"]
+            y = x[0].astype(np.float64) if to in FLOAT_TYPES else x[0].astype(INT_TYPES[to])
+        elif op == "Not":
+            y = np.logical_not(x[0])
+        elif op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"):
+            f = {"Equal": np.equal, "Less": np.less, "LessOrEqual": np.less_equal,
+                 "Greater": np.greater, "GreaterOrEqual": np.greater_equal}[op]
+            y = f(x[0], x[1])
+        elif op == "Where":
+            y = np.where(x[0], x[1], x[2])
+        elif op == "Softmax":
+            y = _softmax(x[0], a.get("axis", -1))
+        elif op == "LayerNormalization":
+            y = _layernorm(x[0], x[1], x[2] if len(x) > 2 else None, a.get("axis", -1), a.get("epsilon", 1e-5))
+        elif op == "Relu":
+            y = np.maximum(x[0], 0)
+        elif op == "Sigmoid":
+            y = 1.0 / (1.0 + np.exp(-x[0]))
+        elif op == "Tanh":
+            y = np.tanh(x[0])
+        elif op == "Sqrt":
+            y = np.sqrt(x[0])
+        elif op == "Erf":
+            y = np.vectorize(math.erf)(x[0]) if x[0].size else x[0]
+        else:
+            raise NotImplementedError("reference evaluator: op %s (node %s)" % (op, node.name))
+        env[node.output[0]] = np.asarray(y)
+    return {o.name: env[o.name] for o in model.graph.output}
+
+
+# --------------------------------------------------------------------------
+# optional ONNX Runtime check through the onnxruntime-node native binding
+# --------------------------------------------------------------------------
+
+ORT_JS = r"""
+const binding = require(process.argv[2]);
+class Tensor { constructor(type, data, dims) { this.type = type; this.data = data; this.dims = dims; this.location = 'cpu'; } }
+binding.initOrtOnce(3, Tensor, true);
+const req = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+const s = new binding.InferenceSession();
+s.loadModel(req.model, {});
+const feeds = {};
+for (const [name, v] of Object.entries(req.inputs)) {
+  let data;
+  if (v.type === 'int64') data = BigInt64Array.from(v.data.map(BigInt));
+  else if (v.type === 'float32') data = Float32Array.from(v.data);
+  else if (v.type === 'float16') data = Uint16Array.from(v.data);  // raw fp16 bits
+  else throw new Error('unsupported input type ' + v.type);
+  feeds[name] = new Tensor(v.type, data, v.dims);
+}
+const fetches = {};
+for (const m of s.outputMetadata) fetches[m.name] = null;
+const out = s.run(feeds, fetches, {});
+const res = {};
+for (const [name, t] of Object.entries(out)) res[name] = {type: t.type, dims: Array.from(t.dims), data: Array.from(t.data, Number)};
+process.stdout.write(JSON.stringify(res));
+s.dispose();
+"""
+
+
+def ort_run(binding, model_path, feeds):
+    inputs = {}
+    for name, arr in feeds.items():
+        if arr.dtype == np.int64:
+            inputs[name] = {"type": "int64", "dims": list(arr.shape), "data": arr.reshape(-1).tolist()}
+        elif arr.dtype == np.float32:
+            inputs[name] = {"type": "float32", "dims": list(arr.shape), "data": arr.reshape(-1).tolist()}
+        else:
+            raise ValueError(arr.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        js = os.path.join(tmp, "ort_run.js")
+        with open(js, "w") as f:
+            f.write(ORT_JS)
+        r = subprocess.run(["node", js, os.path.abspath(binding)], input=json.dumps(
+            {"model": os.path.abspath(model_path), "inputs": inputs}), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("ONNX Runtime failed on %s:\n%s" % (model_path, r.stderr))
+    out = {}
+    for name, v in json.loads(r.stdout).items():
+        if v["type"] == "float16":
+            a = np.array(v["data"], dtype=np.uint16).view(np.float16)
+        else:
+            a = np.array(v["data"], dtype={"float32": np.float32, "int64": np.int64}[v["type"]])
+        out[name] = a.reshape(v["dims"])
+    return out
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def torch_export(module, args, input_names, output_names, dynamic_axes):
+    module.eval()
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, args, buf, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def save(model, relpath, **kw):
+    path = os.path.join(HERE, relpath)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if kw.get("save_as_external_data"):
+        # onnx appends to an existing external data file: start from an empty one
+        data = os.path.join(os.path.dirname(path), kw["location"])
+        if os.path.exists(data):
+            os.remove(data)
+    onnx.save_model(model, path, **kw)
+    return path
+
+
+def bf16_bits(a):
+    """float32 array -> bfloat16 bit patterns (uint16), round to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def bf16_tensor(name, a):
+    t = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(a.shape))
+    t.raw_data = bf16_bits(a).tobytes()
+    return t
+
+
+def bf16_round(a):
+    return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
+
+
+def to_np(t):
+    return t.detach().cpu().numpy()
+
+
+def adaptable_layers(model):
+    """[(node name, op, weight initializer name, shape, dtype)] for MatMul/Gemm with a constant B."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rows = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
+            continue
+        src, via = n.input[1], []
+        while src not in inits and src in producers and producers[src].op_type in ("Cast", "Transpose", "Identity"):
+            via.append(producers[src].op_type)
+            src = producers[src].input[0]
+        if src in inits:
+            t = inits[src]
+            attrs = _attrs(n)
+            rows.append({"node": n.name, "op": n.op_type + ("(transB=1)" if attrs.get("transB") else ""),
+                         "weight": t.name, "shape": list(t.dims),
+                         "dtype": TensorProto.DataType.Name(t.data_type), "via": via})
+    return rows
+
+
+class Checker:
+    def __init__(self, ort_binding):
+        self.ort_binding = ort_binding
+        self.golden = {}
+        self.summary = []
+
+    def check(self, relpath, feeds, expected, atol, rtol=1e-3):
+        """check_model + reference evaluator vs torch (+ ORT), and record golden data."""
+        path = os.path.join(HERE, relpath)
+        onnx.checker.check_model(path, full_check=True)
+        ref = reference_run(path, feeds)
+        assert list(ref) == list(expected), (list(ref), list(expected))
+        d_torch = d_ort = 0.0
+        for name, want in expected.items():
+            got = ref[name]
+            assert got.shape == want.shape, (relpath, name, got.shape, want.shape)
+            assert np.allclose(got, want.astype(np.float64), atol=atol, rtol=rtol), (
+                relpath, name, float(np.abs(got - want).max()))
+            d_torch = max(d_torch, float(np.abs(got - want).max()))
+        status = "reference==torch (max diff %.1e)" % d_torch
+        if self.ort_binding:
+            ort = ort_run(self.ort_binding, path, feeds)
+            for name, want in ref.items():
+                got = ort[name].astype(np.float64)
+                assert got.shape == want.shape, (relpath, name, got.shape, want.shape)
+                assert np.allclose(got, want, atol=atol, rtol=rtol), (
+                    "ORT mismatch", relpath, name, float(np.abs(got - want).max()))
+                d_ort = max(d_ort, float(np.abs(got - want).max()))
+            status += ", ORT==reference (max diff %.1e)" % d_ort
+        model = onnx.load(path, load_external_data=False)
+        self.golden[relpath] = {
+            "inputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.reshape(-1).tolist()}
+                       for k, v in feeds.items()},
+            "outputs": {k: {"dtype": onnx_out_dtype(model, k), "shape": list(v.shape),
+                            "data": [float("%.6g" % x) for x in v.reshape(-1)]} for k, v in ref.items()},
+            "atol": atol, "rtol": rtol,
+        }
+        self.summary.append((relpath, adaptable_layers(model)))
+        print("ok  %-36s %s" % (relpath, status))
+
+
+def onnx_out_dtype(model, name):
+    for o in model.graph.output:
+        if o.name == name:
+            return {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}[o.type.tensor_type.elem_type]
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------
+# model builders
+# --------------------------------------------------------------------------
+
+
+def gpt_inputs():
+    g = np.random.RandomState(7)
+    return {"input_ids": g.randint(0, GPT_VOCAB, size=(2, 5)).astype(np.int64)}
+
+
+def build_tiny_gpt(ck):
+    torch.manual_seed(SEED)
+    m = TinyGPT().eval()
+    ids = torch.zeros(1, 3, dtype=torch.int64)  # trace input; axes are exported dynamic
+    model = torch_export(m, (ids,), ["input_ids"], ["logits"],
+                         {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}})
+    feeds = gpt_inputs()
+    with torch.no_grad():
+        want = {"logits": to_np(m(torch.from_numpy(feeds["input_ids"])))}
+    save(model, "tiny-gpt.onnx")
+    ck.check("tiny-gpt.onnx", feeds, want, atol=1e-4)
+
+    # 5. same model, weights in an external data file (tensors >= 1 KiB external, small ones inline)
+    ext = onnx.load_from_string(model.SerializeToString())
+    save(ext, "tiny-gpt-extdata/model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+         location="model.onnx.data", size_threshold=1024, convert_attribute=False)
+    ck.check("tiny-gpt-extdata/model.onnx", feeds, want, atol=1e-4)
+
+    # 4. float16 copy: all float tensors and compute converted to float16 after export
+    fp16 = convert_to_fp16(onnx.load_from_string(model.SerializeToString()))
+    save(fp16, "tiny-gpt-fp16.onnx")
+    # reference (float16 weights, float64 compute) vs float32 torch: ~6e-4 (weight rounding);
+    # ORT float16 compute vs reference: ~5e-4 with ORT 1.30. Logits are O(1).
+    ck.check("tiny-gpt-fp16.onnx", feeds, want, atol=5e-3, rtol=1e-2)
+    return model
+
+
+def _fp16_tensor(t):
+    if t.data_type != TensorProto.FLOAT:
+        return t
+    a = numpy_helper.to_array(t)
+    assert np.all(np.abs(a) < 65504), t.name
+    n = numpy_helper.from_array(a.astype(np.float16), t.name)
+    return n
+
+
+def convert_to_fp16(model):
+    """Convert an exported float32 graph to float16 end to end (weights, constants, compute, output)."""
+    g = model.graph
+    new_inits = [_fp16_tensor(t) for t in g.initializer]
+    del g.initializer[:]
+    g.initializer.extend(new_inits)
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(_fp16_tensor(a.t))
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+    for v in list(g.input) + list(g.output):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del g.value_info[:]
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True), full_check=True)
+    return model
+
+
+def build_tiny_bert(ck):
+    torch.manual_seed(SEED + 1)
+    m = TinyBert().eval()
+    ids = torch.zeros(1, 3, dtype=torch.int64)
+    mask = torch.ones(1, 3, dtype=torch.int64)
+    axes = {0: "batch", 1: "sequence"}
+    model = torch_export(m, (ids, mask), ["input_ids", "attention_mask"], ["last_hidden_state", "pooler_output"],
+                         {"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes,
+                          "pooler_output": {0: "batch"}})
+    g = np.random.RandomState(8)
+    feeds = {"input_ids": g.randint(0, BERT_VOCAB, size=(2, 6)).astype(np.int64),
+             "attention_mask": np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=np.int64)}
+    with torch.no_grad():
+        h, p = m(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+    save(model, "tiny-bert.onnx")
+    ck.check("tiny-bert.onnx", feeds, {"last_hidden_state": to_np(h), "pooler_output": to_np(p)}, atol=1e-4)
+
+
+def build_mlp_gemm(ck):
+    torch.manual_seed(SEED + 2)
+    m = MLP().eval()
+    model = torch_export(m, (torch.zeros(1, 16),), ["input"], ["output"],
+                         {"input": {0: "batch"}, "output": {0: "batch"}})
+    feeds = {"input": np.random.RandomState(9).randn(3, 16).astype(np.float32)}
+    with torch.no_grad():
+        want = {"output": to_np(m(torch.from_numpy(feeds["input"])))}
+    save(model, "mlp-gemm-transb.onnx")
+    ck.check("mlp-gemm-transb.onnx", feeds, want, atol=1e-5)
+
+
+SW_VOCAB, SW_HIDDEN = 64, 16
+
+
+class SharedWeight(nn.Module):
+    """branch_a and branch_b are the same nn.Linear; lm_head is tied to embed_tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(SW_VOCAB, SW_HIDDEN)
+        self.shared = nn.Linear(SW_HIDDEN, SW_HIDDEN, bias=False)
+
+    def forward(self, input_ids):
+        h = self.embed_tokens(input_ids)
+        s = self.shared(h) + self.shared(torch.relu(h))  # branch_a, branch_b
+        return torch.matmul(s, self.embed_tokens.weight.t())  # tied lm_head
+
+
+def build_shared_weight(ck):
+    # torch.onnx.export would give the second use its own name (/shared_1/MatMul), route it through an
+    # Identity copy of the weight, and constant-fold the tied lm_head transpose into a separate copy.
+    # Build the graph by hand so that one initializer really feeds two MatMuls, and the tied embedding
+    # feeds Gather and (through Transpose) the lm_head MatMul.
+    torch.manual_seed(SEED + 3)
+    m = SharedWeight().eval()
+    emb = to_np(m.embed_tokens.weight)
+    w = to_np(m.shared.weight).T.copy()  # MatMul layout [in, out]
+    dims = ["batch", "sequence"]
+    nodes = [
+        helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["/embed_tokens/Gather_output_0"],
+                         name="/embed_tokens/Gather"),
+        helper.make_node("MatMul", ["/embed_tokens/Gather_output_0", "shared.weight"], ["/branch_a/MatMul_output_0"],
+                         name="/branch_a/MatMul"),
+        helper.make_node("Relu", ["/embed_tokens/Gather_output_0"], ["/Relu_output_0"], name="/Relu"),
+        helper.make_node("MatMul", ["/Relu_output_0", "shared.weight"], ["/branch_b/MatMul_output_0"],
+                         name="/branch_b/MatMul"),
+        helper.make_node("Add", ["/branch_a/MatMul_output_0", "/branch_b/MatMul_output_0"], ["/Add_output_0"],
+                         name="/Add"),
+        helper.make_node("Transpose", ["embed_tokens.weight"], ["/lm_head/Transpose_output_0"], perm=[1, 0],
+                         name="/lm_head/Transpose"),
+        helper.make_node("MatMul", ["/Add_output_0", "/lm_head/Transpose_output_0"], ["logits"],
+                         name="/lm_head/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared_weight",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dims + [SW_VOCAB])],
+        [numpy_helper.from_array(emb, "embed_tokens.weight"), numpy_helper.from_array(w, "shared.weight")])
+    model = helper.make_model(graph, producer_name="onnxlora-testdata", opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    feeds = gpt_inputs()
+    with torch.no_grad():
+        want = {"logits": to_np(m(torch.from_numpy(feeds["input_ids"])))}
+    save(model, "shared-weight.onnx")
+    ck.check("shared-weight.onnx", feeds, want, atol=1e-5)
+
+
+def build_bf16(ck):
+    # ONNX Runtime 1.30 CPU has no bfloat16 MatMul/Gemm kernel ("Could not find an implementation for
+    # MatMul(13)"), so weights are stored as bfloat16 and Cast to float32 right before MatMul/Gemm.
+    torch.manual_seed(SEED + 4)
+    w1 = bf16_round(to_np(torch.randn(16, 32) * 0.25))  # fc1: MatMul layout [in, out]
+    b1 = bf16_round(to_np(torch.randn(32) * 0.1))
+    w2 = bf16_round(to_np(torch.randn(8, 32) * 0.25))  # fc2: Gemm transB=1 layout [out, in]
+    b2 = bf16_round(to_np(torch.randn(8) * 0.1))
+    F = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Cast", ["fc1.weight"], ["/fc1/Cast_output_0"], to=F, name="/fc1/Cast"),
+        helper.make_node("MatMul", ["x", "/fc1/Cast_output_0"], ["/fc1/MatMul_output_0"], name="/fc1/MatMul"),
+        helper.make_node("Cast", ["fc1.bias"], ["/fc1/Cast_1_output_0"], to=F, name="/fc1/Cast_1"),
+        helper.make_node("Add", ["/fc1/MatMul_output_0", "/fc1/Cast_1_output_0"], ["/fc1/Add_output_0"],
+                         name="/fc1/Add"),
+        helper.make_node("Relu", ["/fc1/Add_output_0"], ["/Relu_output_0"], name="/Relu"),
+        helper.make_node("Cast", ["fc2.weight"], ["/fc2/Cast_output_0"], to=F, name="/fc2/Cast"),
+        helper.make_node("Cast", ["fc2.bias"], ["/fc2/Cast_1_output_0"], to=F, name="/fc2/Cast_1"),
+        helper.make_node("Gemm", ["/Relu_output_0", "/fc2/Cast_output_0", "/fc2/Cast_1_output_0"], ["y"],
+                         alpha=1.0, beta=1.0, transB=1, name="/fc2/Gemm"),
+    ]
+    graph = helper.make_graph(
+        nodes, "bf16_matmul",
+        [helper.make_tensor_value_info("x", F, ["batch", 16])],
+        [helper.make_tensor_value_info("y", F, ["batch", 8])],
+        [bf16_tensor("fc1.weight", w1), bf16_tensor("fc1.bias", b1),
+         bf16_tensor("fc2.weight", w2), bf16_tensor("fc2.bias", b2)])
+    model = helper.make_model(graph, producer_name="onnxlora-testdata", opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    feeds = {"x": np.random.RandomState(10).randn(3, 16).astype(np.float32)}
+    x = torch.from_numpy(feeds["x"])
+    # torch reference in bfloat16 storage, float32 compute (same as the graph)
+    tw1, tb1, tw2, tb2 = (torch.from_numpy(a).to(torch.bfloat16) for a in (w1, b1, w2, b2))
+    want = {"y": to_np(torch.relu(x @ tw1.float() + tb1.float()) @ tw2.float().t() + tb2.float())}
+    save(model, "bf16-matmul.onnx")
+    ck.check("bf16-matmul.onnx", feeds, want, atol=1e-5)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ort-binding", default=os.environ.get("ORT_NODE_BINDING"),
+                    help="path to onnxruntime-node's onnxruntime_binding.node; also run every model in ORT")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ck = Checker(args.ort_binding)
+    build_tiny_gpt(ck)
+    build_tiny_bert(ck)
+    build_mlp_gemm(ck)
+    build_shared_weight(ck)
+    build_bf16(ck)
+    with open(os.path.join(HERE, "golden.json"), "w") as f:
+        json.dump(ck.golden, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print()
+    for relpath, layers in ck.summary:
+        print(relpath)
+        for r in layers:
+            print("   %-47s %-14s %-22s %-8s %s%s" % (r["node"], r["op"], r["weight"], r["shape"], r["dtype"],
+                                                  " via " + "->".join(r["via"]) if r["via"] else ""))
+    if not args.ort_binding:
+        print("\nnote: ONNX Runtime check skipped (pass --ort-binding or set ORT_NODE_BINDING)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
