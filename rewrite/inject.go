@@ -1,0 +1,295 @@
+package rewrite
+
+import (
+	"fmt"
+	"hash/fnv"
+	"math"
+	"math/rand/v2"
+	"strings"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/graph/onnxpb"
+)
+
+// Init names how lora_A is initialized; lora_B always starts at zero so the
+// injected model computes exactly what the base model does.
+type Init string
+
+const (
+	// InitKaiming is PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)), which is
+	// kaiming_uniform_ with a = sqrt(5) on A's fan-in.
+	InitKaiming Init = "kaiming"
+	// InitGaussian is PEFT's init_lora_weights="gaussian": A ~ N(0, (1/r)^2).
+	InitGaussian Init = "gaussian"
+)
+
+// InjectConfig says which layers get adapters and how.
+type InjectConfig struct {
+	SelectOptions
+	// RSLoRA scales by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora).
+	RSLoRA bool
+	// Dropout, when positive, puts a Dropout node with this ratio on the
+	// branch input (an identity at inference).
+	Dropout float64
+	// Init chooses lora_A's initialization (default InitKaiming).
+	Init Init
+	// Seed makes the initialization reproducible. Each adapter draws from
+	// its own stream derived from the seed and its module path, so adding a
+	// target does not change the others.
+	Seed uint64
+}
+
+// Injection is the result of Inject: the manifest written into the model
+// and the parameter counts PEFT prints.
+type Injection struct {
+	Manifest  *Manifest
+	Layers    []*Layer // the adapted layers, in the manifest's order
+	Trainable int64
+	All       int64
+}
+
+// String renders the counts the way PEFT's print_trainable_parameters does.
+func (inj *Injection) String() string {
+	pct := 0.0
+	if inj.All > 0 {
+		pct = 100 * float64(inj.Trainable) / float64(inj.All)
+	}
+	return fmt.Sprintf("trainable params: %d || all params: %d || trainable%%: %.4f", inj.Trainable, inj.All, pct)
+}
+
+// Plan selects the layers Inject would adapt, without changing the model.
+func Plan(m *graph.Model, cfg SelectOptions) ([]*Layer, []Selection, error) {
+	layers, _ := FindLayers(m)
+	sel, err := Select(Candidates(layers), cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return layers, sel, nil
+}
+
+// Inject adds a LoRA branch beside every selected layer:
+//
+//	y = base(x) + scaling * ((dropout(x) · A) · B)
+//
+// with A [in, r] and B [r, out] initializers in the layer's compute type,
+// named <module>.lora_A.weight and <module>.lora_B.weight. B starts at zero,
+// so the model's outputs are unchanged until the adapters are trained. The
+// base node keeps its name and inputs; only its output is renamed, and the
+// branch's Add takes over the original output name, so everything
+// downstream (graph outputs included) is untouched. The manifest goes into
+// the model's metadata under ManifestKey.
+func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
+	if cfg.Init == "" {
+		cfg.Init = InitKaiming
+	}
+	if cfg.Init != InitKaiming && cfg.Init != InitGaussian {
+		return nil, fmt.Errorf("unknown init %q: use %q or %q", cfg.Init, InitKaiming, InitGaussian)
+	}
+	if cfg.Dropout < 0 || cfg.Dropout >= 1 || math.IsNaN(cfg.Dropout) {
+		return nil, fmt.Errorf("dropout must be in [0, 1), got %v", cfg.Dropout)
+	}
+	man, err := ReadManifest(m)
+	if err != nil {
+		return nil, err
+	}
+	if man == nil {
+		man = &Manifest{}
+	}
+	layers, sel, err := Plan(m, cfg.SelectOptions)
+	if err != nil {
+		return nil, err
+	}
+	adapted := map[string]bool{}
+	for _, a := range man.Adapters {
+		adapted[a.Module] = true
+	}
+	inj := &Injection{Manifest: man}
+	for _, s := range sel {
+		l := layers[s.Index]
+		if adapted[l.Module] {
+			return nil, fmt.Errorf("module %s already has an adapter; merge it first or exclude it", l.Module)
+		}
+		a, err := injectOne(m, l, s.Rank, s.Alpha, cfg)
+		if err != nil {
+			return nil, fmt.Errorf("module %s: %w", l.Module, err)
+		}
+		man.Adapters = append(man.Adapters, *a)
+		inj.Layers = append(inj.Layers, l)
+	}
+	if err := WriteManifest(m, man); err != nil {
+		return nil, err
+	}
+	inj.Trainable, inj.All = countParams(m, man)
+	return inj, nil
+}
+
+// countParams counts the adapters' elements and all initializer elements of
+// floating-point type (PEFT counts parameters, not buffers or index tables).
+func countParams(m *graph.Model, man *Manifest) (trainable, all int64) {
+	for _, a := range man.Adapters {
+		trainable += int64(a.Rank) * (a.InFeatures + a.OutFeatures)
+	}
+	graph.NewGraph(m.Proto.Graph).Walk(func(g *graph.Graph) {
+		for _, t := range g.Proto.Initializer {
+			if graph.DataType(t.GetDataType()).IsFloat() {
+				n, _ := graph.NumElements(t.Dims)
+				all += n
+			}
+		}
+	})
+	return trainable, all
+}
+
+// injectOne wires one adapter branch into the layer's graph.
+func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConfig) (*Adapter, error) {
+	g := l.Graph
+	n := l.Node
+	scaling := alpha / float64(rank)
+	if cfg.RSLoRA {
+		scaling = alpha / math.Sqrt(float64(rank))
+	}
+	a := &Adapter{
+		Module: l.Module, Node: n.GetName(), Op: l.Op, Weight: l.Weight.Name,
+		Rank: rank, Alpha: alpha, Scaling: scaling, RSLoRA: cfg.RSLoRA,
+		InFeatures: l.In, OutFeatures: l.Out, DType: l.DType.String(), Dropout: cfg.Dropout,
+		Graph: graphName(g),
+	}
+	r := int64(rank)
+	aVals := initA(l.Module, l.In, r, cfg)
+	tA, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, aVals)
+	if err != nil {
+		return nil, err
+	}
+	tB, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_B.weight"), l.DType, []int64{r, l.Out}, make([]float64, r*l.Out))
+	if err != nil {
+		return nil, err
+	}
+	tS, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), l.DType, nil, []float64{scaling})
+	if err != nil {
+		return nil, err
+	}
+	g.AddInitializer(tA)
+	g.AddInitializer(tB)
+	g.AddInitializer(tS)
+	a.LoraA, a.LoraB, a.ScalingTensor = tA.GetName(), tB.GetName(), tS.GetName()
+
+	prefix := nodePrefix(n.GetName(), l.Module) + "/lora/"
+	var nodes []*onnxpb.NodeProto
+	add := func(op, name string, inputs []string, attrs ...*onnxpb.AttributeProto) string {
+		nodeName := g.UniqueName(prefix + name)
+		out := g.UniqueName(nodeName + "_output_0")
+		nodes = append(nodes, &onnxpb.NodeProto{
+			Name: proto.String(nodeName), OpType: proto.String(op),
+			Input: inputs, Output: []string{out}, Attribute: attrs,
+		})
+		return out
+	}
+	x := n.Input[0]
+	if l.TransA {
+		x = add("Transpose", "Transpose_A", []string{x}, intsAttr("perm", 1, 0))
+	}
+	if cfg.Dropout > 0 {
+		x = addDropout(m, g, add, x, cfg.Dropout, l.DType)
+	}
+	xa := add("MatMul", "MatMul_A", []string{x, tA.GetName()})
+	xab := add("MatMul", "MatMul_B", []string{xa, tB.GetName()})
+	delta := add("Mul", "Mul_scaling", []string{xab, tS.GetName()})
+
+	// The base node's output moves to a new name; the Add takes the old one.
+	a.Output = n.Output[0]
+	a.BaseOutput = g.UniqueName(prefix + "base_output_0")
+	addName := g.UniqueName(prefix + "Add")
+	addNode := &onnxpb.NodeProto{
+		Name: proto.String(addName), OpType: proto.String("Add"),
+		Input: []string{a.BaseOutput, delta}, Output: []string{a.Output},
+	}
+	g.SetOutput(n, 0, a.BaseOutput)
+	nodes = append(nodes, addNode)
+	if err := g.InsertNodesAfter(n, nodes...); err != nil {
+		return nil, err
+	}
+	for _, bn := range nodes {
+		a.Nodes = append(a.Nodes, bn.GetName())
+	}
+	return a, nil
+}
+
+// addDropout puts a Dropout on the branch input. From opset 12 the ratio is
+// an input; before that it is an attribute.
+func addDropout(m *graph.Model, g *graph.Graph, add func(string, string, []string, ...*onnxpb.AttributeProto) string, x string, p float64, dt graph.DataType) string {
+	if m.Opset() >= 12 {
+		ratio, _ := graph.NewFloatTensor(g.UniqueName(x+"_dropout_ratio"), graph.Float, nil, []float64{p})
+		g.AddInitializer(ratio)
+		return add("Dropout", "Dropout", []string{x, ratio.GetName()})
+	}
+	return add("Dropout", "Dropout", []string{x}, &onnxpb.AttributeProto{
+		Name: proto.String("ratio"), Type: onnxpb.AttributeProto_FLOAT.Enum(), F: proto.Float32(float32(p)),
+	})
+}
+
+func intsAttr(name string, vals ...int64) *onnxpb.AttributeProto {
+	return &onnxpb.AttributeProto{Name: proto.String(name), Type: onnxpb.AttributeProto_INTS.Enum(), Ints: vals}
+}
+
+// nodePrefix is the name scope the branch's nodes go under, so Netron
+// groups them with the layer: the layer node's own scope when it has a
+// torch-style name, else the module path written as a scope
+// ("model.layers.0.q_proj" -> "/model/layers.0/q_proj").
+func nodePrefix(nodeName, module string) string {
+	if strings.HasPrefix(nodeName, "/") {
+		if i := strings.LastIndex(nodeName, "/"); i > 0 {
+			return nodeName[:i]
+		}
+	}
+	var b strings.Builder
+	for i, seg := range strings.Split(module, ".") {
+		if i > 0 && isDigits(seg) {
+			b.WriteString("." + seg)
+			continue
+		}
+		b.WriteString("/" + seg)
+	}
+	return b.String()
+}
+
+func isDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+func graphName(g *graph.Graph) string {
+	if g.Parent == nil {
+		return ""
+	}
+	return g.Proto.GetName()
+}
+
+// initA draws lora_A [in, r] from the adapter's own random stream.
+func initA(module string, in, r int64, cfg InjectConfig) []float64 {
+	h := fnv.New64a()
+	h.Write([]byte(module))
+	rng := rand.New(rand.NewPCG(cfg.Seed, h.Sum64()))
+	vals := make([]float64, in*r)
+	switch cfg.Init {
+	case InitGaussian:
+		std := 1 / float64(r)
+		for i := range vals {
+			vals[i] = rng.NormFloat64() * std
+		}
+	default:
+		bound := 1 / math.Sqrt(float64(in))
+		for i := range vals {
+			vals[i] = (2*rng.Float64() - 1) * bound
+		}
+	}
+	return vals
+}

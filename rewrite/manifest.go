@@ -1,0 +1,120 @@
+package rewrite
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/onnxlora/onnxlora/graph"
+)
+
+// ManifestKey is the metadata_props key under which an injected model keeps
+// its manifest.
+const ManifestKey = "onnxlora.adapters"
+
+// ManifestVersion is the version of the manifest format this package writes.
+const ManifestVersion = 1
+
+// Manifest describes the adapters in a model: what inject added and what
+// merge and export-adapter read back. It is stored as JSON in the model's
+// metadata under ManifestKey.
+type Manifest struct {
+	Version  int       `json:"version"`
+	Adapters []Adapter `json:"adapters"`
+	// Trainable lists the initializers to train: every lora_A and lora_B.
+	// It is what ONNX Runtime training's generate_artifacts takes as
+	// requires_grad.
+	Trainable []string `json:"trainable"`
+}
+
+// Adapter is one LoRA branch: y = base(x) + scaling * ((dropout(x) · A) · B).
+type Adapter struct {
+	// Module is the PEFT-style module path of the adapted layer.
+	Module string `json:"module"`
+	// Node is the adapted MatMul or Gemm node; Op its type.
+	Node string `json:"node"`
+	Op   string `json:"op"`
+	// Weight is the base weight's constant (initializer or Constant output).
+	Weight string `json:"weight"`
+	// LoraA ([in, r]) and LoraB ([r, out]) are the adapter's initializers.
+	LoraA string  `json:"lora_A"`
+	LoraB string  `json:"lora_B"`
+	Rank  int     `json:"rank"`
+	Alpha float64 `json:"alpha"`
+	// Scaling multiplies the branch: alpha/rank, or alpha/sqrt(rank) with
+	// rsLoRA.
+	Scaling     float64 `json:"scaling"`
+	RSLoRA      bool    `json:"use_rslora,omitempty"`
+	InFeatures  int64   `json:"in_features"`
+	OutFeatures int64   `json:"out_features"`
+	// DType is the element type of A and B (the layer's compute type).
+	DType string `json:"dtype"`
+	// Dropout is the branch's dropout probability, 0 for none.
+	Dropout float64 `json:"dropout,omitempty"`
+	// Graph names the subgraph holding the layer, empty for the main graph.
+	Graph string `json:"graph,omitempty"`
+	// Output is the value the branch's Add writes: the node's original
+	// output. BaseOutput is what the node writes now.
+	Output     string `json:"output"`
+	BaseOutput string `json:"base_output"`
+	// ScalingTensor is the scalar initializer holding Scaling.
+	ScalingTensor string `json:"scaling_tensor"`
+	// Nodes are the names of the branch's nodes.
+	Nodes []string `json:"nodes"`
+}
+
+// ReadManifest returns the model's manifest, or nil when it has none.
+func ReadManifest(m *graph.Model) (*Manifest, error) {
+	s, ok := m.Metadata(ManifestKey)
+	if !ok {
+		return nil, nil
+	}
+	var man Manifest
+	if err := json.Unmarshal([]byte(s), &man); err != nil {
+		return nil, fmt.Errorf("metadata %s is not a valid manifest: %w", ManifestKey, err)
+	}
+	if man.Version > ManifestVersion {
+		return nil, fmt.Errorf("metadata %s has manifest version %d; this onnxlora reads up to %d", ManifestKey, man.Version, ManifestVersion)
+	}
+	return &man, nil
+}
+
+// WriteManifest stores the manifest in the model's metadata, or removes the
+// key when the manifest has no adapters.
+func WriteManifest(m *graph.Model, man *Manifest) error {
+	if man == nil || len(man.Adapters) == 0 {
+		m.DeleteMetadata(ManifestKey)
+		return nil
+	}
+	man.Version = ManifestVersion
+	man.Trainable = man.Trainable[:0]
+	for _, a := range man.Adapters {
+		man.Trainable = append(man.Trainable, a.LoraA, a.LoraB)
+	}
+	data, err := json.Marshal(man)
+	if err != nil {
+		return err
+	}
+	m.SetMetadata(ManifestKey, string(data))
+	return nil
+}
+
+// MarshalIndent renders the manifest as indented JSON, for --manifest files.
+func (man *Manifest) MarshalIndent() ([]byte, error) {
+	return json.MarshalIndent(man, "", "  ")
+}
+
+// branchNodeNames returns the names of nodes that belong to LoRA branches
+// listed in the model's manifest, so they are not taken for layers.
+func branchNodeNames(m *graph.Model) map[string]bool {
+	names := map[string]bool{}
+	man, err := ReadManifest(m)
+	if err != nil || man == nil {
+		return names
+	}
+	for _, a := range man.Adapters {
+		for _, n := range a.Nodes {
+			names[n] = true
+		}
+	}
+	return names
+}
