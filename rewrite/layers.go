@@ -79,8 +79,10 @@ func FindLayers(m *graph.Model) ([]*Layer, []Skipped) {
 	return layers, skipped
 }
 
-// matmulLike are ops that multiply matrices but cannot take an adapter, so
-// inspect can say why they were skipped.
+// matmulLike are ONNX Runtime contrib ops (com.microsoft) that multiply by
+// weights but cannot take an adapter, so inspect can say why they were
+// skipped. The standard ops of the same names (Attention from opset 23)
+// carry no weights.
 var matmulLike = map[string]string{
 	"MatMulInteger":      "quantized weight (MatMulInteger)",
 	"QLinearMatMul":      "quantized weight (QLinearMatMul)",
@@ -95,7 +97,7 @@ var matmulLike = map[string]string{
 // are not matrix products at all).
 func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 	op := n.GetOpType()
-	if reason, ok := matmulLike[op]; ok {
+	if reason, ok := matmulLike[op]; ok && (n.GetDomain() == "com.microsoft" || op == "MatMulInteger" || op == "QLinearMatMul") {
 		return nil, reason
 	}
 	if (op != "MatMul" && op != "Gemm") || !(n.GetDomain() == "" || n.GetDomain() == "ai.onnx") || len(n.Input) < 2 {
