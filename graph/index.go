@@ -33,6 +33,9 @@ type Graph struct {
 	inputs       map[string]*onnxpb.ValueInfoProto
 	outputs      map[string]*onnxpb.ValueInfoProto
 	names        *nameSet // shared by a whole tree of graphs
+	// legacyInputs is set for IR versions before 4, which list every
+	// initializer as a graph input too: those are constants, not inputs.
+	legacyInputs bool
 }
 
 // nameSet records every value and node name used anywhere in a model, so new
@@ -50,7 +53,9 @@ func NewGraph(g *onnxpb.GraphProto) *Graph {
 
 // Graph returns the index of the model's main graph.
 func (m *Model) Graph() *Graph {
-	return NewGraph(m.Proto.Graph)
+	gr := &Graph{Proto: m.Proto.Graph, legacyInputs: m.Proto.GetIrVersion() < 4}
+	gr.Reindex()
+	return gr
 }
 
 // Reindex rebuilds the index of this graph and everything below it after
@@ -105,7 +110,7 @@ func (g *Graph) index(names *nameSet) {
 			}
 		}
 		for _, sub := range nodeSubgraphs(n) {
-			sg := &Graph{Proto: sub, Parent: g, Owner: n}
+			sg := &Graph{Proto: sub, Parent: g, Owner: n, legacyInputs: g.legacyInputs}
 			sg.index(names)
 			g.Subgraphs = append(g.Subgraphs, sg)
 			// A subgraph reading an outer value makes its owner node a
@@ -189,7 +194,7 @@ func (g *Graph) IsGraphOutput(name string) bool { _, ok := g.outputs[name]; retu
 func (g *Graph) IsOverridableInitializer(name string) bool {
 	_, isInit := g.initializers[name]
 	_, isInput := g.inputs[name]
-	return isInit && isInput
+	return isInit && isInput && !g.legacyInputs
 }
 
 // ConstantTensor returns the constant tensor behind name: an initializer
@@ -206,7 +211,7 @@ func (g *Graph) ConstantTensor(name string) (*onnxpb.TensorProto, *onnxpb.NodePr
 			return nil, nil, nil
 		}
 		if t, ok := s.initializers[name]; ok {
-			if s.IsGraphInput(name) {
+			if s.IsOverridableInitializer(name) {
 				return nil, nil, nil
 			}
 			return t, nil, s

@@ -170,9 +170,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	if err != nil {
 		return nil, err
 	}
-	g.AddInitializer(tA)
-	g.AddInitializer(tB)
-	g.AddInitializer(tS)
+	for _, ti := range []*onnxpb.TensorProto{tA, tB, tS} {
+		addInitializer(m, g, ti)
+	}
 	a.LoraA, a.LoraB, a.ScalingTensor = tA.GetName(), tB.GetName(), tS.GetName()
 
 	prefix := nodePrefix(n.GetName(), l.Module) + "/lora/"
@@ -221,11 +221,30 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 func addDropout(m *graph.Model, g *graph.Graph, add func(string, string, []string, ...*onnxpb.AttributeProto) string, x string, p float64, dt graph.DataType) string {
 	if m.Opset() >= 12 {
 		ratio, _ := graph.NewFloatTensor(g.UniqueName(x+"_dropout_ratio"), graph.Float, nil, []float64{p})
-		g.AddInitializer(ratio)
+		addInitializer(m, g, ratio)
 		return add("Dropout", "Dropout", []string{x, ratio.GetName()})
 	}
 	return add("Dropout", "Dropout", []string{x}, &onnxpb.AttributeProto{
 		Name: proto.String("ratio"), Type: onnxpb.AttributeProto_FLOAT.Enum(), F: proto.Float32(float32(p)),
+	})
+}
+
+// addInitializer adds a tensor to the graph. Before IR version 4 every
+// initializer had to be declared as a graph input too.
+func addInitializer(m *graph.Model, g *graph.Graph, t *onnxpb.TensorProto) {
+	g.AddInitializer(t)
+	if m.Proto.GetIrVersion() >= 4 {
+		return
+	}
+	var dims []*onnxpb.TensorShapeProto_Dimension
+	for _, d := range t.Dims {
+		dims = append(dims, &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: d}})
+	}
+	g.Proto.Input = append(g.Proto.Input, &onnxpb.ValueInfoProto{
+		Name: proto.String(t.GetName()),
+		Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{TensorType: &onnxpb.TypeProto_Tensor{
+			ElemType: proto.Int32(t.GetDataType()), Shape: &onnxpb.TensorShapeProto{Dim: dims},
+		}}},
 	})
 }
 

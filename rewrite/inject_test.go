@@ -489,3 +489,35 @@ func TestPrintTrainable(t *testing.T) {
 		t.Errorf("summary %q", inj.String())
 	}
 }
+
+// Before IR version 4 every initializer is also listed as a graph input;
+// those are still constant weights, and new initializers must be listed too.
+func TestInjectLegacyIRInitializersAsInputs(t *testing.T) {
+	W, _ := graph.NewFloatTensor("fc.weight", graph.Float, []int64{4, 3}, make([]float64, 12))
+	node := &onnxpb.NodeProto{Name: proto.String("/fc/MatMul"), OpType: proto.String("MatMul"), Input: []string{"x", "fc.weight"}, Output: []string{"y"}}
+	mp := singleNodeModel(node, []*onnxpb.TensorProto{W}, graph.Float, []int64{2, 4}, []int64{2, 3})
+	mp.IrVersion = proto.Int64(3)
+	mp.OpsetImport[0].Version = proto.Int64(8)
+	mp.Graph.Input = append(mp.Graph.Input, &onnxpb.ValueInfoProto{Name: proto.String("fc.weight"), Type: mp.Graph.Input[0].Type})
+	m := graph.NewModel(mp, "")
+	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: 2, Alpha: 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	declared := map[string]bool{}
+	for _, vi := range mp.Graph.Input {
+		declared[vi.GetName()] = true
+	}
+	a := inj.Manifest.Adapters[0]
+	for _, name := range []string{a.LoraA, a.LoraB, a.ScalingTensor} {
+		if !declared[name] {
+			t.Errorf("IR 3 model: initializer %s not declared as a graph input", name)
+		}
+	}
+	// From IR 4 on, an initializer that is also an input can be fed at run
+	// time, so it is not a constant weight.
+	mp.IrVersion = proto.Int64(4)
+	if layers, skipped := FindLayers(graph.NewModel(mp, "")); len(layers) != 0 || len(skipped) == 0 {
+		t.Errorf("IR 4 overridable weight: %d layers, skipped %v", len(layers), skipped)
+	}
+}
