@@ -1,0 +1,271 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/rewrite"
+)
+
+// InjectOptions holds what `onnxlora inject` was asked to do.
+type InjectOptions struct {
+	IO *IOStreams
+
+	Model    string
+	Output   string
+	Manifest string
+	DryRun   bool
+	JSON     bool
+	External externalFlag
+
+	Select  selectFlags
+	RSLoRA  bool
+	Dropout float64
+	Init    string
+	Seed    uint64
+
+	// config is the validated configuration, set by the command.
+	config rewrite.InjectConfig
+}
+
+// NewCmdInject builds `onnxlora inject`.
+func NewCmdInject(f *Factory, runF func(*InjectOptions) error) *cobra.Command {
+	opts := &InjectOptions{IO: f.IO}
+	cmd := &cobra.Command{
+		Use:   "inject MODEL -o OUT --target NAMES [flags]",
+		Short: "Add LoRA adapters beside the selected MatMul/Gemm layers",
+		Long: `Add a LoRA branch beside every selected layer:
+
+  y = base(x) + scaling * ((dropout(x) · A) · B)
+
+A is [in, r], B is [r, out], scaling is alpha/r (alpha/sqrt(r) with --rslora).
+A is initialized like PEFT (kaiming uniform, or gaussian) and B is zero, so the
+injected model computes exactly what the base model does until it is trained.
+The new initializers are named <module>.lora_A.weight, <module>.lora_B.weight
+and <module>.lora_scaling; a manifest describing every adapter is stored in the
+model's metadata (key onnxlora.adapters). Its "trainable" list is what ONNX
+Runtime training's generate_artifacts takes as requires_grad.
+
+Layers are chosen the way PEFT's LoraConfig does: --target names modules by
+suffix (q_proj matches model.layers.0.self_attn.q_proj), all-linear takes every
+layer but the output head, --target-regex must match the whole path, exclusion
+wins, --layers keeps layer indices. Run 'onnxlora inspect MODEL' to see the
+module paths, or inject with --dry-run to see what would be adapted.
+
+On success the PEFT line "trainable params: N || all params: M || trainable%: P"
+is printed. When nothing matches, the command fails and lists the module paths.`,
+		Example: `  onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --rank 8 --alpha 16
+  onnxlora inject model.onnx -o lora.onnx --target all-linear --exclude lm_head
+  onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --layers 0,3
+  onnxlora inject model.onnx -o lora.onnx --target-regex '.*\.(q|v)_proj' \
+      --rank-pattern 'layers\.0\..*=16' --alpha-pattern 'v_proj=32'
+  onnxlora inject model.onnx --target all-linear --dry-run
+  onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --manifest lora.json`,
+		Args:              exactArgs(1, "one MODEL"),
+		ValidArgsFunction: onnxFileCompletion,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.Model = args[0]
+			if err := opts.validate(); err != nil {
+				return err
+			}
+			if runF != nil {
+				return runF(opts)
+			}
+			return runInject(opts)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVarP(&opts.Output, "output", "o", "", "file to write the injected model to (required unless --dry-run)")
+	opts.Select.register(fl, `module names to adapt, e.g. q_proj,v_proj, or "all-linear" (PEFT target_modules)`)
+	fl.BoolVar(&opts.RSLoRA, "rslora", false, "scale by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)")
+	fl.Float64Var(&opts.Dropout, "dropout", 0, "dropout probability on the adapter input, in [0, 1) (PEFT lora_dropout)")
+	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "lora_A initialization: kaiming (PEFT's default) or gaussian")
+	fl.Uint64Var(&opts.Seed, "seed", 0, "random seed for lora_A; the same seed gives the same weights")
+	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
+	fl.BoolVar(&opts.DryRun, "dry-run", false, "print the layers that would be adapted and write nothing")
+	fl.BoolVar(&opts.JSON, "json", false, "print the result (counts and manifest) as JSON on stdout")
+	registerExternalFlag(cmd, &opts.External)
+	_ = cmd.RegisterFlagCompletionFunc("init", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+		return []string{"kaiming", "gaussian"}, cobra.ShellCompDirectiveNoFileComp
+	})
+	_ = cmd.RegisterFlagCompletionFunc("target", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+		return []string{rewrite.AllLinear, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, cobra.ShellCompDirectiveNoFileComp
+	})
+	return cmd
+}
+
+// validate checks the flags before any file is read. Every error is a
+// usage error.
+func (o *InjectOptions) validate() error {
+	if !o.Select.hasTarget() {
+		return usageErrorf("no target: give --target (e.g. q_proj,v_proj or all-linear) or --target-regex")
+	}
+	sel, err := o.Select.options()
+	if err != nil {
+		return err
+	}
+	if o.Output == "" && !o.DryRun {
+		return usageErrorf("missing -o/--output: where to write the injected model (or use --dry-run)")
+	}
+	if o.Output != "" && !o.DryRun {
+		if err := checkOutput(o.Output, o.Model); err != nil {
+			return err
+		}
+	}
+	if o.Manifest != "" && !o.DryRun {
+		if err := checkOutput(o.Manifest, o.Model, o.Output); err != nil {
+			return usageErrorf("--manifest: %v", err)
+		}
+	}
+	init := rewrite.Init(strings.ToLower(o.Init))
+	if init != rewrite.InitKaiming && init != rewrite.InitGaussian {
+		return usageErrorf("invalid argument %q for --init: want kaiming or gaussian", o.Init)
+	}
+	if o.Dropout < 0 || o.Dropout >= 1 || math.IsNaN(o.Dropout) {
+		return usageErrorf("invalid argument %v for --dropout: want a probability in [0, 1)", o.Dropout)
+	}
+	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed}
+	return nil
+}
+
+// injectResult is what --json prints.
+type injectResult struct {
+	Model            string            `json:"model"`
+	Output           string            `json:"output,omitempty"`
+	DryRun           bool              `json:"dry_run"`
+	Trainable        int64             `json:"trainable"`
+	All              int64             `json:"all"`
+	TrainablePercent float64           `json:"trainable_percent"`
+	Summary          string            `json:"summary"`
+	Manifest         *rewrite.Manifest `json:"manifest"`
+}
+
+func runInject(opts *InjectOptions) error {
+	ios := opts.IO
+	m, err := loadModel(ios, opts.Model)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+
+	// Targets that match nothing are worth a warning when other targets
+	// matched (a typo is otherwise silent); when none matched, Inject's
+	// error says it all.
+	var unmatched []string
+	layers, _ := rewrite.FindLayers(m)
+	if sel, err := rewrite.NewSelector(opts.config.SelectOptions); err == nil {
+		unmatched = sel.Unmatched(rewrite.Candidates(layers))
+	}
+	before, err := rewrite.ReadManifest(m)
+	if err != nil {
+		return err
+	}
+	already := 0
+	if before != nil {
+		already = len(before.Adapters)
+	}
+
+	// A dry run injects into the loaded model too (adapter tensors are
+	// small and base weights are never read), so it reports exactly what a
+	// real run would, errors included; it just does not save.
+	inj, err := rewrite.Inject(m, opts.config)
+	if err != nil {
+		return err
+	}
+	added := inj.Manifest.Adapters[already:]
+	for _, t := range unmatched {
+		ios.Warnf("target %q matches no module of %s", t, opts.Model)
+	}
+
+	if opts.DryRun {
+		if opts.JSON {
+			return writeJSON(ios.Out, newInjectResult(opts, inj))
+		}
+		fmt.Fprintf(ios.Out, "Dry run: would add %d adapter(s) to %s; nothing written.\n", len(added), opts.Model)
+		writeAdapterTable(ios.Out, added)
+		fmt.Fprintln(ios.Out, inj.String())
+		return nil
+	}
+
+	save := graph.SaveOptions{External: opts.External.mode}
+	if err := saveModel(ios, m, opts.Output, save); err != nil {
+		return err
+	}
+	if opts.Manifest != "" {
+		data, err := inj.Manifest.MarshalIndent()
+		if err != nil {
+			return err
+		}
+		err = graph.WriteFileAtomic(opts.Manifest, func(w io.Writer) error {
+			_, err := w.Write(append(data, '\n'))
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	if opts.JSON {
+		return writeJSON(ios.Out, newInjectResult(opts, inj))
+	}
+	fmt.Fprintln(ios.Out, inj.String())
+	ios.Notef("wrote %s with %d new adapter(s): %s", opts.Output, len(added), summarizeModules(added))
+	if opts.Manifest != "" {
+		ios.Notef("wrote the manifest to %s", opts.Manifest)
+	}
+	return nil
+}
+
+func newInjectResult(opts *InjectOptions, inj *rewrite.Injection) injectResult {
+	res := injectResult{
+		Model: opts.Model, DryRun: opts.DryRun, Trainable: inj.Trainable, All: inj.All,
+		Summary: inj.String(), Manifest: inj.Manifest,
+	}
+	if !opts.DryRun {
+		res.Output = opts.Output
+	}
+	if inj.All > 0 {
+		res.TrainablePercent = float64(int64(1e6*100*float64(inj.Trainable)/float64(inj.All)+0.5)) / 1e6
+	}
+	return res
+}
+
+// writeAdapterTable lists adapters as a table.
+func writeAdapterTable(w io.Writer, adapters []rewrite.Adapter) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  MODULE\tOP\t[IN,OUT]\tRANK\tALPHA\tSCALING\tPARAMS")
+	for _, a := range adapters {
+		fmt.Fprintf(tw, "  %s\t%s\t[%d,%d]\t%d\t%g\t%.6g\t%d\n", a.Module, a.Op, a.InFeatures, a.OutFeatures, a.Rank, a.Alpha, a.Scaling, int64(a.Rank)*(a.InFeatures+a.OutFeatures))
+	}
+	tw.Flush()
+}
+
+// summarizeModules counts adapters by their last path segment:
+// "q_proj x2, v_proj x2".
+func summarizeModules(adapters []rewrite.Adapter) string {
+	var order []string
+	count := map[string]int{}
+	for _, a := range adapters {
+		name := a.Module
+		if i := strings.LastIndexByte(name, '.'); i >= 0 {
+			name = name[i+1:]
+		}
+		if count[name] == 0 {
+			order = append(order, name)
+		}
+		count[name]++
+	}
+	parts := make([]string, len(order))
+	for i, n := range order {
+		parts[i] = n
+		if count[n] > 1 {
+			parts[i] = fmt.Sprintf("%s x%d", n, count[n])
+		}
+	}
+	return strings.Join(parts, ", ")
+}
