@@ -304,14 +304,10 @@ func (r *Report) buildModelInfo(m *graph.Model) error {
 			info.Subgraphs++
 		}
 		info.Nodes += len(g.Proto.Node)
-		for _, t := range g.Proto.Initializer {
-			info.Initializers++
-			if graph.DataType(t.GetDataType()).IsFloat() {
-				n, _ := graph.NumElements(t.Dims)
-				info.Params += n
-			}
-		}
+		info.Initializers += len(g.Proto.Initializer)
 	})
+	man, _ := rewrite.ReadManifest(m)
+	_, info.Params = rewrite.CountParams(m, man)
 
 	files := map[string]*ExternalFile{}
 	var err error
@@ -365,8 +361,8 @@ func (r *Report) buildSelection(layers []*rewrite.Layer, adapted map[string]*rew
 		ExcludeRegex: opts.ExcludeRegex, Layers: opts.Layers, Rank: opts.Rank, Alpha: opts.Alpha,
 		Modules: []SelectedModule{}, Unmatched: sel.Unmatched(cands),
 	}
-	// The counts follow rewrite.Inject: every adapter adds A, B and a scalar
-	// scaling initializer, and "all params" counts every float initializer.
+	// The counts follow rewrite.Inject: every adapter adds A and B, and "all
+	// params" counts the float initializers (rewrite.CountParams).
 	s.All = r.Model.Params
 	for _, a := range r.Adapters {
 		s.Trainable += a.Params
@@ -380,7 +376,7 @@ func (r *Report) buildSelection(layers []*rewrite.Layer, adapted map[string]*rew
 		r.Layers[p.Index].Selected = true
 		r.Totals.Selected++
 		s.Trainable += params
-		s.All += params + 1
+		s.All += params
 	}
 	if s.All > 0 {
 		s.TrainablePercent = 100 * float64(s.Trainable) / float64(s.All)

@@ -121,19 +121,27 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 	if err := WriteManifest(m, man); err != nil {
 		return nil, err
 	}
-	inj.Trainable, inj.All = countParams(m, man)
+	inj.Trainable, inj.All = CountParams(m, man)
 	return inj, nil
 }
 
-// countParams counts the adapters' elements and all initializer elements of
-// floating-point type (PEFT counts parameters, not buffers or index tables).
-func countParams(m *graph.Model, man *Manifest) (trainable, all int64) {
+// CountParams counts the adapters' elements (trainable) and all
+// floating-point initializer elements (all), as PEFT's
+// print_trainable_parameters counts parameters: the branches' scaling and
+// dropout scalars are constants, not parameters. man may be nil.
+func CountParams(m *graph.Model, man *Manifest) (trainable, all int64) {
+	constants := map[string]bool{}
+	if man == nil {
+		man = &Manifest{}
+	}
 	for _, a := range man.Adapters {
 		trainable += int64(a.Rank) * (a.InFeatures + a.OutFeatures)
+		constants[a.ScalingTensor] = true
+		constants[a.DropoutRatio] = true
 	}
-	graph.NewGraph(m.Proto.Graph).Walk(func(g *graph.Graph) {
+	m.Graph().Walk(func(g *graph.Graph) {
 		for _, t := range g.Proto.Initializer {
-			if graph.DataType(t.GetDataType()).IsFloat() {
+			if graph.DataType(t.GetDataType()).IsFloat() && !constants[t.GetName()] {
 				n, _ := graph.NumElements(t.Dims)
 				all += n
 			}
@@ -191,7 +199,7 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 		x = add("Transpose", "Transpose_A", []string{x}, intsAttr("perm", 1, 0))
 	}
 	if cfg.Dropout > 0 {
-		x = addDropout(m, g, add, x, cfg.Dropout, l.DType)
+		x, a.DropoutRatio = addDropout(m, g, add, x, cfg.Dropout)
 	}
 	xa := add("MatMul", "MatMul_A", []string{x, tA.GetName()})
 	xab := add("MatMul", "MatMul_B", []string{xa, tB.GetName()})
@@ -218,15 +226,16 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 
 // addDropout puts a Dropout on the branch input. From opset 12 the ratio is
 // an input; before that it is an attribute.
-func addDropout(m *graph.Model, g *graph.Graph, add func(string, string, []string, ...*onnxpb.AttributeProto) string, x string, p float64, dt graph.DataType) string {
+// It returns the branch value after dropout and the ratio initializer, if any.
+func addDropout(m *graph.Model, g *graph.Graph, add func(string, string, []string, ...*onnxpb.AttributeProto) string, x string, p float64) (string, string) {
 	if m.Opset() >= 12 {
 		ratio, _ := graph.NewFloatTensor(g.UniqueName(x+"_dropout_ratio"), graph.Float, nil, []float64{p})
 		addInitializer(m, g, ratio)
-		return add("Dropout", "Dropout", []string{x, ratio.GetName()})
+		return add("Dropout", "Dropout", []string{x, ratio.GetName()}), ratio.GetName()
 	}
 	return add("Dropout", "Dropout", []string{x}, &onnxpb.AttributeProto{
 		Name: proto.String("ratio"), Type: onnxpb.AttributeProto_FLOAT.Enum(), F: proto.Float32(float32(p)),
-	})
+	}), ""
 }
 
 // addInitializer adds a tensor to the graph. Before IR version 4 every

@@ -481,9 +481,9 @@ func TestPrintTrainable(t *testing.T) {
 	if inj.Trainable != want {
 		t.Errorf("trainable %d, want %d", inj.Trainable, want)
 	}
-	// All params = base + trainable + one scaling scalar per adapter.
-	if inj.All != base+want+4 {
-		t.Errorf("all params %d, want %d", inj.All, base+want+4)
+	// All params = base + trainable, as PEFT counts them.
+	if inj.All != base+want {
+		t.Errorf("all params %d, want %d", inj.All, base+want)
 	}
 	if !strings.HasPrefix(inj.String(), "trainable params: 2048 || all params: ") {
 		t.Errorf("summary %q", inj.String())

@@ -48,8 +48,10 @@ type Adapter struct {
 	OutFeatures int64   `json:"out_features"`
 	// DType is the element type of A and B (the layer's compute type).
 	DType string `json:"dtype"`
-	// Dropout is the branch's dropout probability, 0 for none.
-	Dropout float64 `json:"dropout,omitempty"`
+	// Dropout is the branch's dropout probability, 0 for none, and
+	// DropoutRatio the scalar initializer holding it (opset 12 and later).
+	Dropout      float64 `json:"dropout,omitempty"`
+	DropoutRatio string  `json:"dropout_ratio,omitempty"`
 	// Graph names the subgraph holding the layer, empty for the main graph.
 	Graph string `json:"graph,omitempty"`
 	// Output is the value the branch's Add writes: the node's original
