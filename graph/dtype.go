@@ -2,6 +2,7 @@ package graph
 
 import (
 	"fmt"
+	"math"
 
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 )
@@ -95,6 +96,9 @@ func ByteSize(dt DataType, dims []int64) (int64, error) {
 	n, err := NumElements(dims)
 	if err != nil {
 		return 0, err
+	}
+	if n > (math.MaxInt64-7)/int64(bits) {
+		return 0, fmt.Errorf("dimensions %v of %v hold too many bytes", dims, dt)
 	}
 	return (n*int64(bits) + 7) / 8, nil
 }

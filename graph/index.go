@@ -30,6 +30,7 @@ type Graph struct {
 	producer     map[string]*onnxpb.NodeProto
 	consumers    map[string][]*onnxpb.NodeProto
 	initializers map[string]*onnxpb.TensorProto
+	sparse       map[string]bool // names of sparse initializers
 	inputs       map[string]*onnxpb.ValueInfoProto
 	outputs      map[string]*onnxpb.ValueInfoProto
 	names        *nameSet // shared by a whole tree of graphs
@@ -74,6 +75,7 @@ func (g *Graph) index(names *nameSet) {
 	g.producer = map[string]*onnxpb.NodeProto{}
 	g.consumers = map[string][]*onnxpb.NodeProto{}
 	g.initializers = map[string]*onnxpb.TensorProto{}
+	g.sparse = map[string]bool{}
 	g.inputs = map[string]*onnxpb.ValueInfoProto{}
 	g.outputs = map[string]*onnxpb.ValueInfoProto{}
 	g.Subgraphs = nil
@@ -84,6 +86,7 @@ func (g *Graph) index(names *nameSet) {
 	}
 	for _, st := range p.SparseInitializer {
 		if st.Values != nil {
+			g.sparse[st.Values.GetName()] = true
 			names.used[st.Values.GetName()] = true
 		}
 	}
@@ -95,30 +98,7 @@ func (g *Graph) index(names *nameSet) {
 		g.outputs[vi.GetName()] = vi
 	}
 	for _, n := range p.Node {
-		if n.GetName() != "" {
-			names.used[n.GetName()] = true
-		}
-		for _, out := range n.Output {
-			if out != "" {
-				g.producer[out] = n
-				names.used[out] = true
-			}
-		}
-		for _, in := range n.Input {
-			if in != "" {
-				g.consumers[in] = appendOnce(g.consumers[in], n)
-			}
-		}
-		for _, sub := range nodeSubgraphs(n) {
-			sg := &Graph{Proto: sub, Parent: g, Owner: n, legacyInputs: g.legacyInputs}
-			sg.index(names)
-			g.Subgraphs = append(g.Subgraphs, sg)
-			// A subgraph reading an outer value makes its owner node a
-			// consumer of that value here.
-			for name := range sg.outerReads() {
-				g.consumers[name] = appendOnce(g.consumers[name], n)
-			}
-		}
+		g.indexNode(n)
 	}
 }
 
@@ -135,8 +115,14 @@ func appendOnce(nodes []*onnxpb.NodeProto, n *onnxpb.NodeProto) []*onnxpb.NodePr
 // defining them: values captured from enclosing scopes.
 func (g *Graph) outerReads() map[string]bool {
 	reads := map[string]bool{}
-	for name := range g.consumers {
-		if !g.definesLocally(name) {
+	for name, nodes := range g.consumers {
+		if len(nodes) > 0 && !g.definesLocally(name) {
+			reads[name] = true
+		}
+	}
+	// A subgraph may also return an outer value as one of its outputs.
+	for name := range g.outputs {
+		if name != "" && !g.definesLocally(name) {
 			reads[name] = true
 		}
 	}
@@ -147,7 +133,7 @@ func (g *Graph) definesLocally(name string) bool {
 	_, isInit := g.initializers[name]
 	_, isInput := g.inputs[name]
 	_, isProduced := g.producer[name]
-	return isInit || isInput || isProduced
+	return isInit || isInput || isProduced || g.sparse[name]
 }
 
 // Walk calls fn for g and every graph nested in it, outermost first.
@@ -326,6 +312,8 @@ func (g *Graph) nodeIndex(n *onnxpb.NodeProto) int {
 	return -1
 }
 
+// indexNode adds a node of this graph to the index, with the subgraphs it
+// holds.
 func (g *Graph) indexNode(n *onnxpb.NodeProto) {
 	if n.GetName() != "" {
 		g.names.used[n.GetName()] = true
@@ -341,6 +329,16 @@ func (g *Graph) indexNode(n *onnxpb.NodeProto) {
 			g.consumers[in] = appendOnce(g.consumers[in], n)
 		}
 	}
+	for _, sub := range nodeSubgraphs(n) {
+		sg := &Graph{Proto: sub, Parent: g, Owner: n, legacyInputs: g.legacyInputs}
+		sg.index(g.names)
+		g.Subgraphs = append(g.Subgraphs, sg)
+		// A subgraph reading an outer value makes its owner node a
+		// consumer of that value here.
+		for name := range sg.outerReads() {
+			g.consumers[name] = appendOnce(g.consumers[name], n)
+		}
+	}
 }
 
 // RemoveNode deletes a node from the graph. Values it produced lose their
@@ -350,15 +348,23 @@ func (g *Graph) RemoveNode(n *onnxpb.NodeProto) error {
 	if i < 0 {
 		return fmt.Errorf("node %q is not in graph %q", n.GetName(), g.Proto.GetName())
 	}
+	reads := g.nodeReads(n)
 	g.Proto.Node = append(g.Proto.Node[:i], g.Proto.Node[i+1:]...)
 	for _, out := range n.Output {
 		if g.producer[out] == n {
 			delete(g.producer, out)
 		}
 	}
-	for _, in := range n.Input {
+	for _, in := range reads {
 		g.consumers[in] = removeNode(g.consumers[in], n)
 	}
+	subs := g.Subgraphs[:0]
+	for _, sg := range g.Subgraphs {
+		if sg.Owner != n {
+			subs = append(subs, sg)
+		}
+	}
+	g.Subgraphs = subs
 	return nil
 }
 
@@ -376,7 +382,7 @@ func removeNode(nodes []*onnxpb.NodeProto, n *onnxpb.NodeProto) []*onnxpb.NodePr
 func (g *Graph) SetInput(n *onnxpb.NodeProto, i int, value string) {
 	old := n.Input[i]
 	n.Input[i] = value
-	if !contains(n.Input, old) {
+	if !contains(g.nodeReads(n), old) {
 		g.consumers[old] = removeNode(g.consumers[old], n)
 	}
 	if value != "" {
@@ -417,20 +423,8 @@ func (g *Graph) ReplaceUses(old, replacement string, keepOutputs bool, keep ...*
 		skip[n] = true
 	}
 	for _, n := range append([]*onnxpb.NodeProto(nil), g.consumers[old]...) {
-		if skip[n] {
-			continue
-		}
-		for i, in := range n.Input {
-			if in == old {
-				g.SetInput(n, i, replacement)
-			}
-		}
-		for _, sg := range g.Subgraphs {
-			if sg.Owner == n && !sg.definesLocally(old) {
-				sg.replaceCaptured(old, replacement)
-				g.consumers[old] = removeNode(g.consumers[old], n)
-				g.consumers[replacement] = appendOnce(g.consumers[replacement], n)
-			}
+		if !skip[n] {
+			g.renameReads(n, old, replacement)
 		}
 	}
 	if !keepOutputs {
@@ -444,24 +438,38 @@ func (g *Graph) ReplaceUses(old, replacement string, keepOutputs bool, keep ...*
 	}
 }
 
+// renameReads makes node n of this graph read replacement where it read old,
+// in its inputs and in what its subgraphs capture.
+func (g *Graph) renameReads(n *onnxpb.NodeProto, old, replacement string) {
+	for i, in := range n.Input {
+		if in == old {
+			n.Input[i] = replacement
+		}
+	}
+	for _, sg := range g.Subgraphs {
+		if sg.Owner == n {
+			sg.replaceCaptured(old, replacement)
+		}
+	}
+	g.consumers[old] = removeNode(g.consumers[old], n)
+	if replacement != "" {
+		g.consumers[replacement] = appendOnce(g.consumers[replacement], n)
+	}
+}
+
 // replaceCaptured renames a value captured from an outer scope.
 func (g *Graph) replaceCaptured(old, replacement string) {
 	if g.definesLocally(old) {
 		return
 	}
 	for _, n := range append([]*onnxpb.NodeProto(nil), g.consumers[old]...) {
-		for i, in := range n.Input {
-			if in == old {
-				g.SetInput(n, i, replacement)
-			}
-		}
-	}
-	for _, sg := range g.Subgraphs {
-		sg.replaceCaptured(old, replacement)
+		g.renameReads(n, old, replacement)
 	}
 	for _, vi := range g.Proto.Output {
 		if vi.GetName() == old {
 			vi.Name = proto.String(replacement)
+			delete(g.outputs, old)
+			g.outputs[replacement] = vi
 		}
 	}
 }
@@ -583,9 +591,30 @@ func (g *Graph) Toposort() error {
 		}
 	}
 	if len(order) != len(nodes) {
+		// Nodes left waiting are on a cycle or downstream of one; peel off
+		// those that nothing left waiting depends on, to name the cycle.
+		left := map[int]bool{}
+		for i := range nodes {
+			if waits[i] > 0 {
+				left[i] = true
+			}
+		}
+		for changed := true; changed; {
+			changed = false
+			for i := range left {
+				feeds := false
+				for _, u := range users[i] {
+					feeds = feeds || left[u]
+				}
+				if !feeds {
+					delete(left, i)
+					changed = true
+				}
+			}
+		}
 		var stuck []string
 		for i, n := range nodes {
-			if waits[i] > 0 {
+			if left[i] {
 				stuck = append(stuck, nodeLabel(n))
 			}
 		}

@@ -284,7 +284,10 @@ func (m *Model) validateTensor(t *onnxpb.TensorProto) error {
 		return err
 	}
 	if t.RawData != nil && dt.BitSize() > 0 && t.Segment == nil {
-		want, _ := ByteSize(dt, t.Dims)
+		want, err := ByteSize(dt, t.Dims)
+		if err != nil {
+			return fmt.Errorf("tensor %q: %w", t.GetName(), err)
+		}
 		if int64(len(t.RawData)) != want {
 			return fmt.Errorf("tensor %q: raw_data has %d bytes, but %v %v needs %d", t.GetName(), len(t.RawData), dt, t.Dims, want)
 		}

@@ -50,20 +50,25 @@ func (w *Weight) Dims() []int64 {
 // a transpose that is not a plain 2-D swap).
 func (g *Graph) ResolveWeight(value string) *Weight {
 	var chain []*onnxpb.NodeProto
-	transposed := false
+	transposed, anyTranspose := false, false
 	castTo := Undefined
 	name := value
+	seen := map[*onnxpb.NodeProto]bool{}
 	for scope := g; ; {
 		if t, c, s := scope.ConstantTensor(name); t != nil {
+			if anyTranspose && len(t.Dims) != 2 {
+				return nil // not a plain 2-D swap
+			}
 			for i, j := 0, len(chain)-1; i < j; i, j = i+1, j-1 {
 				chain[i], chain[j] = chain[j], chain[i]
 			}
 			return &Weight{Name: name, Tensor: t, Constant: c, Scope: s, Chain: chain, Transposed: transposed, CastTo: castTo}
 		}
 		n, s := scope.producerInScope(name)
-		if n == nil || !isDefaultDomain(n.GetDomain()) || len(n.Input) == 0 {
-			return nil
+		if n == nil || !isDefaultDomain(n.GetDomain()) || len(n.Input) == 0 || seen[n] {
+			return nil // not a constant, or a cycle in a malformed graph
 		}
+		seen[n] = true
 		switch n.GetOpType() {
 		case "Identity":
 		case "Cast":
@@ -76,6 +81,7 @@ func (g *Graph) ResolveWeight(value string) *Weight {
 				return nil
 			}
 			transposed = !transposed
+			anyTranspose = true
 		default:
 			return nil
 		}

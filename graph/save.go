@@ -69,6 +69,11 @@ func (m *Model) Save(path string, opts SaveOptions) error {
 	if err := m.refuseOverwritingInputs(path, dataPath); err != nil {
 		return err
 	}
+	for _, out := range []string{path, dataPath} {
+		if st, err := os.Stat(out); err == nil && st.IsDir() {
+			return fmt.Errorf("%s: is a folder; Save needs a file name", out)
+		}
+	}
 	external := opts.External == ExternalAlways
 	if opts.External == ExternalAuto {
 		external = m.hasExternal() || proto.Size(m.Proto) > maxProtoSize
@@ -124,7 +129,7 @@ func (m *Model) saveInline(path string) error {
 			return
 		}
 		var raw []byte
-		if raw, err = m.RawData(t); err == nil {
+		if raw, err = m.readExternal(t); err == nil {
 			saved = append(saved, snapshot(t))
 			setInline(t, raw)
 		}
@@ -145,43 +150,72 @@ func (m *Model) saveInline(path string) error {
 	})
 }
 
+// readExternal reads all the bytes an external tensor's reference covers,
+// whatever its data type.
+func (m *Model) readExternal(t *onnxpb.TensorProto) ([]byte, error) {
+	r, ref, err := m.externalReader(t)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, ref.Length)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return nil, fmt.Errorf("tensor %q: reading external data %s: %w", t.GetName(), ref.Location, err)
+	}
+	return buf, nil
+}
+
 // saveExternal writes large tensors to one aligned data file beside the
 // model, streaming tensors that were already external from their old file.
+// Both files are written in full to temporary files before either is
+// renamed into place, so a failed write leaves any earlier output as it was.
 func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error) {
 	dir := filepath.Dir(path)
 	dataTmp, err := os.CreateTemp(dir, "."+filepath.Base(dataPath)+".tmp*")
 	if err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+		return fmt.Errorf("%s: %w", path, unwrapPathError(err))
 	}
+	dataTmpName := dataTmp.Name()
 	defer func() {
 		dataTmp.Close()
 		if err != nil {
-			os.Remove(dataTmp.Name())
+			os.Remove(dataTmpName)
 		}
 	}()
 
 	var saved []tensorState
 	defer func() { restore(saved) }()
 	var offset int64
-	buf := make([]byte, 1<<20)
 	m.Tensors(func(t *onnxpb.TensorProto) {
 		if err != nil {
 			return
 		}
-		dt := DataType(t.GetDataType())
-		if dt.BitSize() == 0 || t.Segment != nil {
-			return
-		}
-		size, serr := ByteSize(dt, t.Dims)
-		if serr != nil {
-			err = fmt.Errorf("tensor %q: %w", t.GetName(), serr)
-			return
-		}
-		if !IsExternal(t) && size < opts.Threshold {
-			return
+		var size int64
+		if IsExternal(t) {
+			// Tensors already external are copied whatever their type,
+			// so none keeps pointing at a location that no longer holds
+			// its bytes.
+			ref, rerr := m.externalRef(t)
+			if rerr != nil {
+				err = rerr
+				return
+			}
+			size = ref.Length
+		} else {
+			dt := DataType(t.GetDataType())
+			if dt.BitSize() == 0 || t.Segment != nil {
+				return
+			}
+			var serr error
+			if size, serr = ByteSize(dt, t.Dims); serr != nil {
+				err = fmt.Errorf("tensor %q: %w", t.GetName(), serr)
+				return
+			}
+			if size < opts.Threshold {
+				return
+			}
 		}
 		offset = (offset + opts.Align - 1) / opts.Align * opts.Align
-		if err = m.copyTensorTo(dataTmp, offset, t, buf); err != nil {
+		if err = m.copyTensorTo(dataTmp, offset, t); err != nil {
 			return
 		}
 		saved = append(saved, snapshot(t))
@@ -191,9 +225,6 @@ func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	if err = dataTmp.Sync(); err != nil {
-		return fmt.Errorf("%s: %w", dataPath, err)
-	}
 	if size := proto.Size(m.Proto); size > maxProtoSize {
 		return fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, size)
 	}
@@ -201,46 +232,76 @@ func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	// The data file goes first: a model file never points at missing data.
-	if len(saved) > 0 {
-		if err = dataTmp.Close(); err != nil {
-			return fmt.Errorf("%s: %w", dataPath, err)
-		}
-		if err = os.Rename(dataTmp.Name(), dataPath); err != nil {
-			return fmt.Errorf("%s: %w", dataPath, err)
-		}
-	} else {
-		os.Remove(dataTmp.Name())
+	if len(saved) == 0 {
+		dataTmp.Close()
+		os.Remove(dataTmpName)
+		return WriteFileAtomic(path, func(w io.Writer) error {
+			_, err := w.Write(data)
+			return err
+		})
 	}
-	err = WriteFileAtomic(path, func(w io.Writer) error {
+	if err = finishTemp(dataTmp); err != nil {
+		return fmt.Errorf("%s: %w", dataPath, err)
+	}
+	modelTmp, err := writeTemp(path, func(w io.Writer) error {
 		_, err := w.Write(data)
 		return err
 	})
-	if err != nil && len(saved) > 0 {
-		os.Remove(dataPath)
-	}
-	return err
-}
-
-// copyTensorTo writes t's bytes at offset in f, streaming external data.
-func (m *Model) copyTensorTo(f *os.File, offset int64, t *onnxpb.TensorProto, buf []byte) error {
-	w := io.NewOffsetWriter(f, offset)
-	if IsExternal(t) {
-		r, _, err := m.externalReader(t)
-		if err != nil {
-			return err
-		}
-		if _, err := io.CopyBuffer(w, r, buf); err != nil {
-			return fmt.Errorf("tensor %q: copying external data: %w", t.GetName(), err)
-		}
-		return nil
-	}
-	raw, err := m.RawData(t)
 	if err != nil {
 		return err
 	}
-	_, err = w.Write(raw)
-	return err
+	defer func() {
+		if err != nil {
+			os.Remove(modelTmp)
+		}
+	}()
+	// The data file goes first: a model file never points at missing data.
+	if err = os.Rename(dataTmpName, dataPath); err != nil {
+		return fmt.Errorf("%s: %w", dataPath, unwrapLinkError(err))
+	}
+	if err = os.Rename(modelTmp, path); err != nil {
+		os.Remove(dataPath)
+		return fmt.Errorf("%s: %w", path, unwrapLinkError(err))
+	}
+	return nil
+}
+
+// copyTensorTo writes t's bytes at offset in f. External data is copied
+// file to file (with copy_file_range where the system has it), never
+// through memory.
+func (m *Model) copyTensorTo(f *os.File, offset int64, t *onnxpb.TensorProto) error {
+	if _, err := f.Seek(offset, io.SeekStart); err != nil {
+		return err
+	}
+	if !IsExternal(t) {
+		raw, err := m.RawData(t)
+		if err != nil {
+			return err
+		}
+		_, err = f.Write(raw)
+		return err
+	}
+	ref, err := m.externalRef(t)
+	if err != nil {
+		return err
+	}
+	// A handle of our own, so that its file offset is ours to move.
+	src, err := os.Open(ref.Path)
+	if err != nil {
+		return fmt.Errorf("tensor %q: %w", t.GetName(), err)
+	}
+	defer src.Close()
+	if _, err := src.Seek(ref.Offset, io.SeekStart); err != nil {
+		return fmt.Errorf("tensor %q: %w", t.GetName(), err)
+	}
+	n, err := f.ReadFrom(io.LimitReader(src, ref.Length))
+	if err == nil && n != ref.Length {
+		err = fmt.Errorf("%s ended after %d of %d bytes", ref.Location, n, ref.Length)
+	}
+	if err != nil {
+		return fmt.Errorf("tensor %q: copying external data: %w", t.GetName(), err)
+	}
+	return nil
 }
 
 // tensorState remembers a tensor's storage fields so Save can lay tensors out
@@ -272,10 +333,24 @@ func restore(states []tensorState) {
 // WriteFileAtomic writes a file through a temporary file in the same folder,
 // synced and then renamed over path, so readers see the old file or the
 // complete new one and a failed write leaves nothing at path.
-func WriteFileAtomic(path string, write func(io.Writer) error) (err error) {
+func WriteFileAtomic(path string, write func(io.Writer) error) error {
+	tmp, err := writeTemp(path, write)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("%s: %w", path, unwrapLinkError(err))
+	}
+	return nil
+}
+
+// writeTemp writes a complete, synced temporary file beside path and
+// returns its name; on error nothing is left behind.
+func writeTemp(path string, write func(io.Writer) error) (name string, err error) {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return fmt.Errorf("%s: %w", path, unwrapPathError(err))
+		return "", fmt.Errorf("%s: %w", path, unwrapPathError(err))
 	}
 	defer func() {
 		if err != nil {
@@ -284,19 +359,30 @@ func WriteFileAtomic(path string, write func(io.Writer) error) (err error) {
 		}
 	}()
 	if err = write(tmp); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+		return "", fmt.Errorf("%s: %w", path, err)
 	}
-	if err = tmp.Sync(); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+	if err = finishTemp(tmp); err != nil {
+		return "", fmt.Errorf("%s: %w", path, err)
 	}
-	if err = tmp.Close(); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+	return tmp.Name(), nil
+}
+
+// finishTemp syncs and closes a temporary file and gives it the usual
+// permissions of a model file (CreateTemp makes it private).
+func finishTemp(f *os.File) error {
+	if err := f.Sync(); err != nil {
+		return err
 	}
-	if err = os.Chmod(tmp.Name(), 0o644); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+	if err := f.Close(); err != nil {
+		return err
 	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("%s: %w", path, errors.Unwrap(err))
+	return os.Chmod(f.Name(), 0o644)
+}
+
+func unwrapLinkError(err error) error {
+	var le *os.LinkError
+	if errors.As(err, &le) {
+		return le.Err
 	}
-	return nil
+	return err
 }

@@ -41,65 +41,66 @@ func (m *Model) RawData(t *onnxpb.TensorProto) ([]byte, error) {
 }
 
 // typedToRaw encodes the typed fields (float_data, int32_data, ...) as raw
-// little-endian bytes.
+// little-endian bytes. The number of values is checked before anything is
+// allocated, so a tiny file declaring a huge shape cannot exhaust memory.
 func typedToRaw(t *onnxpb.TensorProto, dt DataType, size int64) ([]byte, error) {
 	n, _ := NumElements(t.Dims)
-	count := func(have int) error {
-		if int64(have) != n {
-			return fmt.Errorf("tensor %q: %v %v needs %d values, the tensor holds %d", t.GetName(), dt, t.Dims, n, have)
+	var have int
+	field := "values"
+	switch onnxpb.TensorProto_DataType(dt) {
+	case onnxpb.TensorProto_FLOAT:
+		have = len(t.FloatData)
+	case onnxpb.TensorProto_COMPLEX64:
+		have, n = len(t.FloatData), 2*n // real and imaginary parts
+	case onnxpb.TensorProto_DOUBLE:
+		have = len(t.DoubleData)
+	case onnxpb.TensorProto_COMPLEX128:
+		have, n = len(t.DoubleData), 2*n
+	case onnxpb.TensorProto_INT64:
+		have = len(t.Int64Data)
+	case onnxpb.TensorProto_UINT32, onnxpb.TensorProto_UINT64:
+		have = len(t.Uint64Data)
+	default:
+		bits := dt.BitSize()
+		if bits > 32 {
+			return nil, fmt.Errorf("tensor %q: %v data in typed fields is not supported", t.GetName(), dt)
 		}
-		return nil
+		have = len(t.Int32Data)
+		if bits < 8 {
+			// Sub-byte types are packed two or four to an int32_data entry.
+			n, field = size, "packed values"
+		}
+	}
+	if int64(have) != n {
+		return nil, fmt.Errorf("tensor %q: %v %v needs %d %s, the tensor holds %d", t.GetName(), dt, t.Dims, n, field, have)
 	}
 	buf := make([]byte, size)
 	switch onnxpb.TensorProto_DataType(dt) {
-	case onnxpb.TensorProto_FLOAT:
-		if err := count(len(t.FloatData)); err != nil {
-			return nil, err
-		}
+	case onnxpb.TensorProto_FLOAT, onnxpb.TensorProto_COMPLEX64:
 		for i, v := range t.FloatData {
 			binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
 		}
-	case onnxpb.TensorProto_DOUBLE:
-		if err := count(len(t.DoubleData)); err != nil {
-			return nil, err
-		}
+	case onnxpb.TensorProto_DOUBLE, onnxpb.TensorProto_COMPLEX128:
 		for i, v := range t.DoubleData {
 			binary.LittleEndian.PutUint64(buf[8*i:], math.Float64bits(v))
 		}
 	case onnxpb.TensorProto_INT64:
-		if err := count(len(t.Int64Data)); err != nil {
-			return nil, err
-		}
 		for i, v := range t.Int64Data {
 			binary.LittleEndian.PutUint64(buf[8*i:], uint64(v))
 		}
 	case onnxpb.TensorProto_UINT32, onnxpb.TensorProto_UINT64:
-		if err := count(len(t.Uint64Data)); err != nil {
-			return nil, err
-		}
 		w := dt.BitSize() / 8
 		for i, v := range t.Uint64Data {
 			putUint(buf[w*i:], w, v)
 		}
 	default:
-		bits := dt.BitSize()
-		if bits < 8 {
-			// Sub-byte types are packed two or four to an int32_data entry.
-			if int64(len(t.Int32Data)) != size {
-				return nil, fmt.Errorf("tensor %q: %v %v needs %d packed values, the tensor holds %d", t.GetName(), dt, t.Dims, size, len(t.Int32Data))
-			}
+		if dt.BitSize() < 8 {
 			for i, v := range t.Int32Data {
 				buf[i] = byte(v)
 			}
 			return buf, nil
 		}
-		if bits > 32 {
-			return nil, fmt.Errorf("tensor %q: %v data in typed fields is not supported", t.GetName(), dt)
-		}
-		if err := count(len(t.Int32Data)); err != nil {
-			return nil, err
-		}
-		w := bits / 8
+		w := dt.BitSize() / 8
 		for i, v := range t.Int32Data {
 			putUint(buf[w*i:], w, uint64(uint32(v)))
 		}
