@@ -1,0 +1,231 @@
+package rewrite
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/onnxlora/onnxlora/export"
+	"github.com/onnxlora/onnxlora/graph"
+)
+
+// ExportOptions tunes ExportPEFT.
+type ExportOptions struct {
+	// BaseModel is written as base_model_name_or_path (null when empty),
+	// e.g. the HuggingFace id of the model the ONNX file was exported from.
+	BaseModel string
+	// TaskType is written as task_type, e.g. "CAUSAL_LM" (null when empty).
+	TaskType string
+	// Only exports the adapters of these modules; empty means all.
+	Only []string
+}
+
+// ExportReport describes a written PEFT adapter directory.
+type ExportReport struct {
+	// Source is where the adapters were found: "manifest" or "recognized".
+	Source string `json:"source"`
+	// Config is the adapter_config.json written.
+	Config *export.PEFTConfig `json:"-"`
+	// Modules are the exported module paths, in graph order.
+	Modules []string `json:"modules"`
+}
+
+// ExportPEFT writes the model's (trained) LoRA adapters as a PEFT adapter
+// directory that peft.PeftModel.from_pretrained can load onto the original
+// torch model, and that ApplyPEFT can merge into the base ONNX model with
+// exactly the result Merge gives on the injected one.
+//
+// lora_A is written [r, in] (the transpose of the ONNX branch's A [in, r])
+// and lora_B [out, r] (the transpose of B [r, out]), in the branch's float
+// type, under keys base_model.model.<module>.lora_{A,B}.weight. The config
+// has the most common rank and alpha as r and lora_alpha, rank_pattern and
+// alpha_pattern entries for the modules that differ, use_rslora,
+// lora_dropout, fan_in_fan_out false, peft_type LORA and target_modules:
+// short names ("q_proj") when every layer so named is exported, full module
+// paths otherwise. Adapters mixing rsLoRA and plain scaling cannot be
+// described by one config and are refused.
+func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, error) {
+	top := m.Graph()
+	found, _, source, err := findAdapters(m, top)
+	if err != nil {
+		return nil, err
+	}
+	if len(found) == 0 {
+		return nil, errors.New("the model has no LoRA adapters to export (no manifest and no branch of the shape inject writes)")
+	}
+	sel, err := selectModules(found, opts.Only)
+	if err != nil {
+		return nil, err
+	}
+	var chosen []*foundAdapter
+	for _, f := range found {
+		if sel[f.Module] {
+			chosen = append(chosen, f)
+		}
+	}
+	rep := &ExportReport{Source: source}
+	mods := make([]export.PEFTModule, 0, len(chosen))
+	for _, f := range chosen {
+		mod, err := peftModule(m, f)
+		if err != nil {
+			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
+		}
+		mods = append(mods, mod)
+		rep.Modules = append(rep.Modules, f.Module)
+	}
+	layers, _ := FindLayers(m)
+	all := make([]string, 0, len(layers))
+	for _, l := range layers {
+		all = append(all, l.Module)
+	}
+	cfg, err := peftConfig(chosen, all, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := export.WritePEFTAdapter(dir, cfg, mods); err != nil {
+		return nil, err
+	}
+	rep.Config = cfg
+	return rep, nil
+}
+
+// peftModule converts one branch's factors to PEFT's layout.
+func peftModule(m *graph.Model, f *foundAdapter) (export.PEFTModule, error) {
+	dt, ok := map[graph.DataType]export.DType{
+		graph.Float: export.DTypeF32, graph.Float16: export.DTypeF16,
+		graph.BFloat16: export.DTypeBF16, graph.Double: export.DTypeF64,
+	}[graph.DataType(f.TA.GetDataType())]
+	if !ok || f.TB.GetDataType() != f.TA.GetDataType() {
+		return export.PEFTModule{}, fmt.Errorf("lora_A is %v and lora_B %v; both must be one float type", graph.DataType(f.TA.GetDataType()), graph.DataType(f.TB.GetDataType()))
+	}
+	a, err := m.Float64s(f.TA)
+	if err != nil {
+		return export.PEFTModule{}, err
+	}
+	b, err := m.Float64s(f.TB)
+	if err != nil {
+		return export.PEFTModule{}, err
+	}
+	in, out, r := int(f.TA.Dims[0]), int(f.TB.Dims[1]), f.Rank
+	mod := export.PEFTModule{
+		Name: f.Module, DType: dt, Rank: r, InFeatures: in, OutFeatures: out,
+		Alpha: f.Alpha, Scaling: f.Scaling,
+		A: make([]float32, r*in), B: make([]float32, out*r),
+	}
+	for i := 0; i < in; i++ {
+		for k := 0; k < r; k++ {
+			mod.A[k*in+i] = float32(a[i*r+k])
+		}
+	}
+	for k := 0; k < r; k++ {
+		for j := 0; j < out; j++ {
+			mod.B[j*r+k] = float32(b[k*out+j])
+		}
+	}
+	return mod, nil
+}
+
+// peftConfig builds the adapter_config.json describing the adapters.
+func peftConfig(found []*foundAdapter, allLayers []string, opts ExportOptions) (*export.PEFTConfig, error) {
+	rslora := found[0].RSLoRA
+	for _, f := range found {
+		if f.RSLoRA != rslora {
+			return nil, fmt.Errorf("adapters %s (use_rslora=%v) and %s (use_rslora=%v) scale differently; one PEFT config cannot hold both: export them separately with Only", found[0].Module, rslora, f.Module, f.RSLoRA)
+		}
+	}
+	rank := mostCommon(found, func(f *foundAdapter) int { return f.Rank })
+	alpha := mostCommon(found, func(f *foundAdapter) float64 { return f.Alpha })
+	dropout := mostCommon(found, func(f *foundAdapter) float64 { return f.Dropout })
+
+	exported := map[string]bool{}
+	for _, f := range found {
+		exported[f.Module] = true
+	}
+	cfg := export.NewPEFTConfig(rank, alpha, targetNames(found, allLayers, exported)...)
+	cfg.UseRSLoRA = rslora
+	cfg.LoraDropout = dropout
+	cfg.TaskType = opts.TaskType
+	cfg.BaseModelNameOrPath = opts.BaseModel
+	cfg.FanInFanOut = false
+	for _, f := range found {
+		if f.Rank != rank {
+			cfg.RankPattern = append(cfg.RankPattern, export.Pattern[int]{Key: patternKey(f.Module, allLayers), Value: f.Rank})
+		}
+		if f.Alpha != alpha {
+			cfg.AlphaPattern = append(cfg.AlphaPattern, export.Pattern[float64]{Key: patternKey(f.Module, allLayers), Value: f.Alpha})
+		}
+	}
+	return cfg, nil
+}
+
+// mostCommon returns the value most adapters have (the first one seen on a
+// tie), so rank_pattern and alpha_pattern stay short.
+func mostCommon[V comparable](found []*foundAdapter, key func(*foundAdapter) V) V {
+	count := map[V]int{}
+	best := key(found[0])
+	for _, f := range found {
+		v := key(f)
+		count[v]++
+		if count[v] > count[best] {
+			best = v
+		}
+	}
+	return best
+}
+
+// targetNames returns target_modules: a module's last segment when every
+// layer with that last segment is exported (PEFT's usual ["q_proj",
+// "v_proj"]), else the module's full path, which PEFT matches exactly.
+func targetNames(found []*foundAdapter, allLayers []string, exported map[string]bool) []string {
+	short := map[string]bool{}
+	for _, l := range allLayers {
+		leaf := l[strings.LastIndexByte(l, '.')+1:]
+		if _, seen := short[leaf]; !seen {
+			short[leaf] = true
+		}
+		if !exported[l] {
+			short[leaf] = false
+		}
+	}
+	var names []string
+	seen := map[string]bool{}
+	for _, f := range found {
+		name := f.Module
+		if leaf := name[strings.LastIndexByte(name, '.')+1:]; short[leaf] {
+			name = leaf
+		}
+		if !seen[name] {
+			seen[name] = true
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// patternKey names one module in rank_pattern/alpha_pattern: the shortest
+// dotted suffix of its path that no other layer's path ends with and that
+// does not start with a layer number ("layers.3.self_attn.q_proj"), so the
+// key matches in PEFT versions that require a dot before it as well as in
+// those that match from the start; the full path when nothing shorter is
+// unique.
+func patternKey(module string, allLayers []string) string {
+	segs := strings.Split(module, ".")
+	for k := 1; k < len(segs); k++ {
+		first := segs[len(segs)-k]
+		if isDigits(first) {
+			continue
+		}
+		cand := strings.Join(segs[len(segs)-k:], ".")
+		unique := true
+		for _, l := range allLayers {
+			if l != module && (l == cand || strings.HasSuffix(l, "."+cand)) {
+				unique = false
+				break
+			}
+		}
+		if unique {
+			return cand
+		}
+	}
+	return module
+}

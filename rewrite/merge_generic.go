@@ -1,0 +1,15 @@
+//go:build !amd64 || purego
+
+package rewrite
+
+import "github.com/onnxlora/onnxlora/graph"
+
+// useSIMD is false where there are no vector kernels: merge_amd64.s has
+// them for amd64 (built without the purego tag).
+var useSIMD = false
+
+func rankProductSIMD(acc, urow, v []float64, stride, off int) bool { return false }
+
+func fusedRowSIMD(dt graph.DataType, drow, srow []byte, acc []float64, coef float64, st *mergeStats) bool {
+	return false
+}
