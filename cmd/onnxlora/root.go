@@ -132,8 +132,8 @@ and layers_to_transform carry over as flags.`,
 	root.AddCommand(
 		NewCmdInspect(f, nil),
 		NewCmdInject(f, nil),
-		// NewCmdMerge(f, nil),         // merge.go
-		// NewCmdExportAdapter(f, nil), // export_adapter.go
+		NewCmdMerge(f, nil),
+		NewCmdExportAdapter(f, nil),
 		// NewCmdVerify(f, nil),        // verify.go
 		NewCmdVersion(f, nil),
 		NewCmdCompletion(f),

@@ -1,0 +1,92 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/onnxlora/onnxlora/export"
+	"github.com/onnxlora/onnxlora/rewrite"
+)
+
+// ExportAdapterOptions holds what `onnxlora export-adapter` was asked to do.
+type ExportAdapterOptions struct {
+	IO *IOStreams
+
+	Model     string
+	Output    string
+	BaseModel string
+	TaskType  string
+	Only      []string
+	JSON      bool
+}
+
+// NewCmdExportAdapter builds `onnxlora export-adapter`.
+func NewCmdExportAdapter(f *Factory, runF func(*ExportAdapterOptions) error) *cobra.Command {
+	opts := &ExportAdapterOptions{IO: f.IO}
+	cmd := &cobra.Command{
+		Use:   "export-adapter MODEL -o DIR",
+		Short: "Write an injected model's adapters as a PEFT adapter directory",
+		Long: `Write the LoRA adapters of an injected (and trained) model as a PEFT adapter
+directory: adapter_config.json and adapter_model.safetensors, with keys
+base_model.model.<module>.lora_A.weight ([r, in]) and .lora_B.weight ([out, r]),
+so adapters trained in ONNX load with PEFT's PeftModel.from_pretrained.
+Ranks and alphas that differ between modules become rank_pattern and
+alpha_pattern entries.
+
+Exporting and then 'onnxlora merge BASE --adapter DIR' gives the same model as
+'onnxlora merge MODEL'. The module paths are the ONNX export's; if they lack a
+prefix the PyTorch model has, PEFT's loader may need the keys renamed.`,
+		Example: `  onnxlora export-adapter lora-trained.onnx -o my-adapter
+  onnxlora export-adapter lora-trained.onnx -o my-adapter --base-model meta-llama/Llama-3.2-1B --task-type CAUSAL_LM`,
+		Args:              exactArgs(1, "one MODEL"),
+		ValidArgsFunction: onnxFileCompletion,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.Model = args[0]
+			if opts.Output == "" {
+				return usageErrorf("missing -o/--output: the directory to write the adapter to")
+			}
+			if st, err := os.Stat(opts.Output); err == nil && !st.IsDir() {
+				return usageErrorf("output %s exists and is not a directory", opts.Output)
+			}
+			if runF != nil {
+				return runF(opts)
+			}
+			return runExportAdapter(opts)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVarP(&opts.Output, "output", "o", "", "directory to write adapter_config.json and adapter_model.safetensors to")
+	fl.StringVar(&opts.BaseModel, "base-model", "", "base_model_name_or_path to record, e.g. a HuggingFace model id")
+	fl.StringVar(&opts.TaskType, "task-type", "", "task_type to record, e.g. CAUSAL_LM")
+	fl.StringSliceVar(&opts.Only, "only", nil, "export only these modules (module paths)")
+	fl.BoolVar(&opts.JSON, "json", false, "print the exported modules as JSON on stdout")
+	_ = cmd.MarkFlagDirname("output")
+	return cmd
+}
+
+func runExportAdapter(opts *ExportAdapterOptions) error {
+	ios := opts.IO
+	m, err := loadModel(ios, opts.Model)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	if err := os.MkdirAll(opts.Output, 0o755); err != nil {
+		return err
+	}
+	rep, err := rewrite.ExportPEFT(m, opts.Output, rewrite.ExportOptions{BaseModel: opts.BaseModel, TaskType: opts.TaskType, Only: opts.Only})
+	if err != nil {
+		return err
+	}
+	if opts.JSON {
+		return writeJSON(ios.Out, rep)
+	}
+	fmt.Fprintf(ios.Out, "Exported %d adapter(s) (r=%d, lora_alpha=%g) to %s:\n", len(rep.Modules), rep.Config.R, rep.Config.LoraAlpha, opts.Output)
+	for _, mod := range rep.Modules {
+		fmt.Fprintf(ios.Out, "  %s\n", mod)
+	}
+	ios.Notef("wrote %s and %s", export.PEFTConfigFile, export.PEFTWeightsFile)
+	return nil
+}
