@@ -5,6 +5,10 @@
 //
 //	onnxlora inspect MODEL [--target q_proj,v_proj] [--json | --dot [--layer REGEX]]
 //	onnxlora inject MODEL -o OUT --target q_proj,v_proj --rank 8 --alpha 16 [--dry-run]
+//	onnxlora merge MODEL -o OUT [--only MODULES] [--scale F] [--safe]
+//	onnxlora merge BASE --adapter PEFT_DIR -o OUT
+//	onnxlora export-adapter MODEL -o PEFT_DIR
+//	onnxlora verify A B [--samples N] [--dim name=value] [--rtol R --atol A]
 //	onnxlora version
 //	onnxlora completion bash|zsh|fish|powershell
 //
@@ -13,7 +17,11 @@
 // selection would adapt, the adapters already in the model with the norm of
 // their update, and the nodes that were skipped and why. inject adds the
 // adapters, writes their description (the manifest) into the model's
-// metadata and prints PEFT's "trainable params" line.
+// metadata and prints PEFT's "trainable params" line. merge folds trained
+// adapters into the base weights, or applies a PEFT adapter directory to an
+// ONNX export of its base model; export-adapter writes the adapters as a PEFT
+// directory; verify runs two models in ONNX Runtime on the same inputs and
+// compares every output.
 //
 // Layers are named by PEFT-style module paths derived from node and weight
 // names, and --target, --target-regex, --exclude, --layers, --rank-pattern

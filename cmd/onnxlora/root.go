@@ -99,7 +99,10 @@ The lifecycle of a model:
   inject    add LoRA branches (A, B, scaling) beside the chosen MatMul/Gemm layers
   (train)   train the injected lora_A/lora_B initializers, e.g. with ONNX Runtime
             training; the model's manifest lists them under "trainable"
-  merge     fold trained adapters into the base weights (W + scaling*A*B)
+  merge     fold trained adapters into the base weights (W + scaling*A*B),
+            or apply a PEFT adapter directory (merge BASE --adapter DIR)
+  verify    run two models in ONNX Runtime on the same inputs and compare
+  export-adapter  write the adapters as a PEFT directory
 
 Layers are named by PEFT-style module paths (model.layers.0.self_attn.q_proj)
 and chosen with PEFT's rules, so a LoraConfig's target_modules, rank_pattern
@@ -107,7 +110,9 @@ and layers_to_transform carry over as flags.`,
 		Example: `  onnxlora inspect model.onnx
   onnxlora inspect model.onnx --target q_proj,v_proj
   onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --rank 8 --alpha 16
-  onnxlora inject model.onnx --target all-linear --dry-run`,
+  onnxlora inject model.onnx --target all-linear --dry-run
+  onnxlora merge trained.onnx -o merged.onnx
+  onnxlora verify trained.onnx merged.onnx`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		Version:       shortVersion(f),
@@ -134,7 +139,7 @@ and layers_to_transform carry over as flags.`,
 		NewCmdInject(f, nil),
 		NewCmdMerge(f, nil),
 		NewCmdExportAdapter(f, nil),
-		// NewCmdVerify(f, nil),        // verify.go
+		NewCmdVerify(f, nil),
 		NewCmdVersion(f, nil),
 		NewCmdCompletion(f),
 	)
