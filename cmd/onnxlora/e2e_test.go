@@ -66,6 +66,16 @@ var e2eModels = []e2eModel{
 	{"corpus-llama-fp16-extdata", "llama-tiny-fp16-extdata/model.onnx", true, "q_proj,v_proj,o_proj"},
 	{"corpus-decoder-transposed", "decoder-transposed-weights-opset24.onnx", true, "q_proj,v_proj,down_proj"},
 	{"corpus-bert-tied", "bert-toy-tied-embeddings.onnx", true, "query,value"},
+	{"corpus-whisper-decoder", "whisper-decoder-attention-fp32.onnx", true, "all-linear"},
+	{"corpus-whisper-encoder-fp16", "whisper-encoder-attention-fp16.onnx", true, "all-linear"},
+	{"corpus-qwen-unnamed-fp16", "qwen-tiny-fp16-unnamed-nodes.onnx", true, "l0.q.w,l1.v.w,l0.dn.w"},
+	{"corpus-gpt2-conv1d-gemm", "gpt2-conv1d-gemm-pytorch16.onnx", true, "c_attn,c_proj"},
+	{"corpus-gpt2-tiny-fp32", "gpt2-tiny-fp32/model.onnx", true, "all-linear"},
+	{"corpus-gpt2-tiny-fp16", "gpt2-tiny-fp16/model.onnx", true, "c_fc,c_proj"},
+	{"corpus-megatron-numeric-names", "gpt2-megatron-pytorch19.onnx", true, "all-linear"},
+	{"corpus-cnn-gemm-transb", "cnn-mnist-gemm-transb.onnx", true, "fc1,fc2"},
+	{"corpus-linear-gemm-matmul", "linear-gemm-and-matmul-pytorch201.onnx", true, "all-linear"},
+	{"corpus-keras-bert", "bert-qa-keras2onnx.onnx", true, "query,value"},
 }
 
 // e2eInject runs `onnxlora inject` and checks the written model.
