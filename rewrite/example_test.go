@@ -153,3 +153,45 @@ func ExampleSelect() {
 	// model.layers.1.self_attn.v_proj 16 16
 	// no module matched target modules ["query"]; the model has 5 module(s): model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj, lm_head
 }
+
+// Merge folds trained adapters into their base weights: the result has the
+// base model's nodes and names, with new weight values.
+func ExampleMerge() {
+	m, err := graph.Load("../testdata/models/mlp-gemm-transb.onnx")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer m.Close()
+	nodes := len(m.Proto.Graph.Node)
+	inj, err := rewrite.Inject(m, rewrite.InjectConfig{
+		SelectOptions: rewrite.SelectOptions{Targets: []string{"fc1"}, Rank: 4, Alpha: 8},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	// Training would change lora_B; give it a value so the merge shows.
+	b, _ := m.Graph().Initializer(inj.Manifest.Adapters[0].LoraB)
+	ones := make([]float64, 4*32)
+	for i := range ones {
+		ones[i] = 0.01
+	}
+	if err := graph.SetFloat64s(b, ones); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("nodes after inject:", len(m.Proto.Graph.Node))
+
+	rep, err := rewrite.Merge(m, rewrite.MergeOptions{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	l := rep.Merged[0]
+	fmt.Printf("merged %s into %s %v (stored [out,in]: %v), factor %g\n", l.Module, l.Weight, l.Shape, l.Transposed, l.Factor)
+	fmt.Println("nodes after merge:", len(m.Proto.Graph.Node), "base:", nodes)
+	_, hasManifest := m.Metadata(rewrite.ManifestKey)
+	fmt.Println("manifest left:", hasManifest)
+	// Output:
+	// nodes after inject: 9
+	// merged fc1 into fc1.weight [32 16] (stored [out,in]: true), factor 2
+	// nodes after merge: 5 base: 5
+	// manifest left: false
+}
