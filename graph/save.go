@@ -267,38 +267,25 @@ func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error
 }
 
 // copyTensorTo writes t's bytes at offset in f. External data is copied
-// file to file (with copy_file_range where the system has it), never
-// through memory.
+// file to file (CopyRange), never through memory.
 func (m *Model) copyTensorTo(f *os.File, offset int64, t *onnxpb.TensorProto) error {
-	if _, err := f.Seek(offset, io.SeekStart); err != nil {
-		return err
-	}
 	if !IsExternal(t) {
 		raw, err := m.RawData(t)
 		if err != nil {
 			return err
 		}
-		_, err = f.Write(raw)
+		_, err = f.WriteAt(raw, offset)
 		return err
 	}
 	ref, err := m.externalRef(t)
 	if err != nil {
 		return err
 	}
-	// A handle of our own, so that its file offset is ours to move.
-	src, err := os.Open(ref.Path)
+	src, err := m.openData(ref.Path)
 	if err != nil {
 		return fmt.Errorf("tensor %q: %w", t.GetName(), err)
 	}
-	defer src.Close()
-	if _, err := src.Seek(ref.Offset, io.SeekStart); err != nil {
-		return fmt.Errorf("tensor %q: %w", t.GetName(), err)
-	}
-	n, err := f.ReadFrom(io.LimitReader(src, ref.Length))
-	if err == nil && n != ref.Length {
-		err = fmt.Errorf("%s ended after %d of %d bytes", ref.Location, n, ref.Length)
-	}
-	if err != nil {
+	if err := CopyRange(f, offset, src, ref.Offset, ref.Length); err != nil {
 		return fmt.Errorf("tensor %q: copying external data: %w", t.GetName(), err)
 	}
 	return nil

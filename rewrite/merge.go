@@ -1446,24 +1446,13 @@ func (fs *fileSet) readAt(ref *graph.ExternalRef, buf []byte, off int64) error {
 	return err
 }
 
-// copyRange copies a tensor's external bytes to out at offset.
+// copyRange copies a tensor's external bytes to out at offset, file to file.
 func (fs *fileSet) copyRange(out *os.File, offset int64, ref *graph.ExternalRef) error {
 	f, err := fs.open(ref.Path)
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, min(ref.Length, streamChunk))
-	for done := int64(0); done < ref.Length; {
-		n := min(int64(len(buf)), ref.Length-done)
-		if _, err := f.ReadAt(buf[:n], ref.Offset+done); err != nil {
-			return err
-		}
-		if _, err := out.WriteAt(buf[:n], offset+done); err != nil {
-			return err
-		}
-		done += n
-	}
-	return nil
+	return graph.CopyRange(out, offset, f, ref.Offset, ref.Length)
 }
 
 // refuseOverwrite stops a save that would replace one of its inputs.
