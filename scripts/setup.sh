@@ -2,14 +2,15 @@
 # Installs what the tests need on a fresh Debian machine, and nothing twice:
 # Debian's python3-onnx (onnx.checker and the reference merge script),
 # libonnx-testdata (round-trip models), protobuf-compiler and protoc-gen-go
-# (to check the generated Go types are current), the ONNX Runtime library
+# (to check the generated Go types are current), graphviz (to render the
+# inspect --dot goldens), the ONNX Runtime library
 # (scripts/install-ort.sh) and the Go modules.
 # Prints `export ONNXLORA_ORT_LIB=...` as its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in python3-onnx python3-numpy libonnx-testdata protobuf-compiler; do
+for pkg in python3-onnx python3-numpy libonnx-testdata protobuf-compiler graphviz; do
 	dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
