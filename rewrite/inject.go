@@ -221,7 +221,71 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	for _, bn := range nodes {
 		a.Nodes = append(a.Nodes, bn.GetName())
 	}
+	describeBranch(g, nodes, n.Input[0], a, r, l.DType)
 	return a, nil
+}
+
+// describeBranch adds value_info for the branch's values when the layer's
+// input and output have known shapes, so Netron shows shapes on the new
+// edges and shape inference has less to do. Merge removes them again.
+func describeBranch(g *graph.Graph, nodes []*onnxpb.NodeProto, x string, a *Adapter, r int64, dt graph.DataType) {
+	xType, yType := tensorType(g, x), tensorType(g, a.Output)
+	add := func(name string, t *onnxpb.TypeProto_Tensor) {
+		if t == nil {
+			return
+		}
+		t = proto.Clone(t).(*onnxpb.TypeProto_Tensor)
+		t.ElemType = proto.Int32(int32(dt))
+		g.Proto.ValueInfo = append(g.Proto.ValueInfo, &onnxpb.ValueInfoProto{
+			Name: proto.String(name), Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{TensorType: t}},
+		})
+	}
+	withLastDim := func(t *onnxpb.TypeProto_Tensor, d int64) *onnxpb.TypeProto_Tensor {
+		if t == nil || t.Shape == nil || len(t.Shape.Dim) == 0 {
+			return nil
+		}
+		t = proto.Clone(t).(*onnxpb.TypeProto_Tensor)
+		t.Shape.Dim[len(t.Shape.Dim)-1] = &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: d}}
+		return t
+	}
+	for _, bn := range nodes {
+		out := bn.Output[0]
+		switch bn.GetOpType() {
+		case "Transpose": // Gemm's transA: the branch reads x transposed
+			if xType == nil || xType.Shape == nil || len(xType.Shape.Dim) != 2 {
+				xType = nil
+				continue
+			}
+			xType = proto.Clone(xType).(*onnxpb.TypeProto_Tensor)
+			d := xType.Shape.Dim
+			d[0], d[1] = d[1], d[0]
+			add(out, xType)
+		case "Dropout":
+			add(out, xType)
+		case "MatMul":
+			if bn.Input[1] == a.LoraA {
+				add(out, withLastDim(xType, r))
+			} else {
+				add(out, yType)
+			}
+		case "Mul":
+			add(out, yType)
+		}
+	}
+	add(a.BaseOutput, yType)
+}
+
+// tensorType returns the declared tensor type of a value of g (value_info,
+// graph input or output), or nil.
+func tensorType(g *graph.Graph, name string) *onnxpb.TypeProto_Tensor {
+	for _, list := range [][]*onnxpb.ValueInfoProto{g.Proto.ValueInfo, g.Proto.Input, g.Proto.Output} {
+		for _, vi := range list {
+			if vi.GetName() == name {
+				return vi.GetType().GetTensorType()
+			}
+		}
+	}
+	return nil
 }
 
 // addDropout puts a Dropout on the branch input. From opset 12 the ratio is

@@ -521,3 +521,36 @@ func TestInjectLegacyIRInitializersAsInputs(t *testing.T) {
 		t.Errorf("IR 4 overridable weight: %d layers, skipped %v", len(layers), skipped)
 	}
 }
+
+// Where the layer's shapes are declared, the branch's values get value_info
+// too (Netron shows them on the edges; onnx.checker's shape inference in
+// TestInjectKeepsBaseGraph checks they are consistent).
+func TestInjectDescribesBranchShapes(t *testing.T) {
+	m := loadModel(t, testutil.TestModel("tiny-gpt.onnx"))
+	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"q_proj"}, Rank: 4, Alpha: 8}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := m.Graph()
+	described := 0
+	for _, a := range inj.Manifest.Adapters {
+		base := tensorType(g, a.BaseOutput)
+		if base == nil {
+			t.Fatalf("%s: no value_info for the base output", a.Module)
+		}
+		if x := tensorType(g, g.Producer(a.BaseOutput).Input[0]); x == nil || x.Shape == nil {
+			continue // the exporter did not declare the layer's input shape
+		}
+		described++
+		xa := tensorType(g, g.Consumers(a.LoraA)[0].Output[0])
+		if xa == nil || xa.Shape.Dim[len(xa.Shape.Dim)-1].GetDimValue() != int64(a.Rank) {
+			t.Fatalf("%s: x·A value_info %v, want last dim %d", a.Module, xa, a.Rank)
+		}
+		if len(xa.Shape.Dim) != len(base.Shape.Dim) {
+			t.Errorf("%s: x·A has rank %d, the output %d", a.Module, len(xa.Shape.Dim), len(base.Shape.Dim))
+		}
+	}
+	if described == 0 {
+		t.Fatal("no adapted layer had a declared input shape; the test checks nothing")
+	}
+}
