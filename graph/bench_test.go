@@ -68,7 +68,7 @@ func writeBigModel(tb testing.TB, dir string, n int, size int64) (string, int64)
 			Dims:         []int64{size / 2 / 1024, 1024},
 			DataLocation: onnxpb.TensorProto_EXTERNAL.Enum(),
 		}
-		setExternal(t, dataName, offset, size)
+		SetExternal(t, dataName, offset, size)
 		offset += size
 		g.Initializer = append(g.Initializer, t)
 		out := fmt.Sprintf("h%d", i)

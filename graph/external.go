@@ -163,8 +163,9 @@ func setInline(t *onnxpb.TensorProto, raw []byte) {
 	t.DataLocation = nil
 }
 
-// setExternal points t at bytes in an external data file.
-func setExternal(t *onnxpb.TensorProto, location string, offset, length int64) {
+// SetExternal points t at length bytes at offset in an external data file
+// (location is relative to the model's folder), dropping inline data.
+func SetExternal(t *onnxpb.TensorProto, location string, offset, length int64) {
 	setInline(t, nil)
 	t.DataLocation = onnxpb.TensorProto_EXTERNAL.Enum()
 	t.ExternalData = []*onnxpb.StringStringEntryProto{

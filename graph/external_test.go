@@ -544,7 +544,7 @@ func TestSaveUnknownTypeExternal(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "model.onnx.data"), payload, 0o644)
 	mp := tinyModel()
 	future := &onnxpb.TensorProto{Name: proto.String("future"), DataType: proto.Int32(1000), Dims: []int64{3}}
-	setExternal(future, "model.onnx.data", 16, 3)
+	SetExternal(future, "model.onnx.data", 16, 3)
 	mp.Graph.Initializer = append(mp.Graph.Initializer, future)
 	path := writeModel(t, dir, "model.onnx", mp)
 	m := mustLoad(t, path)

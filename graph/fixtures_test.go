@@ -20,8 +20,8 @@ func exampleModel(t *testing.T, dir string) {
 	qb := le16(0x3c00, 0x4000, 0x4200, 0x4400, 0x4500, 0x4600) // 1 2 3 4 5 6
 	kb := le32f(0.5, 1, 1.5, 2, 2.5, 3)
 	data := append(append(append([]byte{}, qb...), make([]byte, 4)...), kb...) // k at offset 16
-	setExternal(q, "model.onnx.data", 0, int64(len(qb)))
-	setExternal(k, "model.onnx.data", 16, int64(len(kb)))
+	SetExternal(q, "model.onnx.data", 0, int64(len(qb)))
+	SetExternal(k, "model.onnx.data", 16, int64(len(kb)))
 	g := &onnxpb.GraphProto{
 		Name:        proto.String("example"),
 		Input:       []*onnxpb.ValueInfoProto{valueInfo("x")},

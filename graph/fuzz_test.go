@@ -15,7 +15,7 @@ import (
 // Constant nodes, nested subgraphs, transposed and shared weights.
 func fuzzSeeds() map[string]*onnxpb.ModelProto {
 	ext := tinyModel()
-	setExternal(ext.Graph.Initializer[0], "w.bin", 16, 16)
+	SetExternal(ext.Graph.Initializer[0], "w.bin", 16, 16)
 	nested := newModelProto(nestedModel())
 	weights := newModelProto(weightsModel())
 	for _, t := range weights.Graph.Initializer {

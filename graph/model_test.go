@@ -30,7 +30,7 @@ func tinyModel() *onnxpb.ModelProto {
 func externalModel(edit func(w *onnxpb.TensorProto)) *onnxpb.ModelProto {
 	mp := tinyModel()
 	w := mp.Graph.Initializer[0]
-	setExternal(w, "w.bin", 0, 16)
+	SetExternal(w, "w.bin", 0, 16)
 	if edit != nil {
 		edit(w)
 	}

@@ -40,6 +40,16 @@ type SaveOptions struct {
 	Align int64
 }
 
+// WithDefaults returns the options with every unset field filled in as
+// Save fills it for an output at path, and the data file's path beside it.
+// It fails when DataFile is not a plain file name.
+func (o SaveOptions) WithDefaults(path string) (SaveOptions, string, error) {
+	if err := o.defaults(path); err != nil {
+		return o, "", fmt.Errorf("%s: %w", path, err)
+	}
+	return o, filepath.Join(filepath.Dir(path), o.DataFile), nil
+}
+
 func (o *SaveOptions) defaults(path string) error {
 	if o.Threshold <= 0 {
 		o.Threshold = 1024
@@ -61,18 +71,12 @@ func (o *SaveOptions) defaults(path string) error {
 // folder that are synced and renamed into place, and on any error nothing is
 // left at the output path. The in-memory model is unchanged by Save.
 func (m *Model) Save(path string, opts SaveOptions) error {
-	if err := opts.defaults(path); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	dir := filepath.Dir(path)
-	dataPath := filepath.Join(dir, opts.DataFile)
-	if err := m.refuseOverwritingInputs(path, dataPath); err != nil {
+	opts, dataPath, err := opts.WithDefaults(path)
+	if err != nil {
 		return err
 	}
-	for _, out := range []string{path, dataPath} {
-		if st, err := os.Stat(out); err == nil && st.IsDir() {
-			return fmt.Errorf("%s: is a folder; Save needs a file name", out)
-		}
+	if err := m.CheckOutputs(path, dataPath); err != nil {
+		return err
 	}
 	external := opts.External == ExternalAlways
 	if opts.External == ExternalAuto {
@@ -90,9 +94,15 @@ func (m *Model) hasExternal() bool {
 	return found
 }
 
-// refuseOverwritingInputs stops a save that would replace the input model or
-// one of its data files.
-func (m *Model) refuseOverwritingInputs(outputs ...string) error {
+// CheckOutputs refuses output paths that are folders, or that are the file
+// the model was loaded from or one of its external data files (through any
+// link): writing there would change the input.
+func (m *Model) CheckOutputs(outputs ...string) error {
+	for _, out := range outputs {
+		if st, err := os.Stat(out); err == nil && st.IsDir() {
+			return fmt.Errorf("%s: is a folder; Save needs a file name", out)
+		}
+	}
 	inputs := map[string]bool{}
 	if m.path != "" {
 		inputs[m.path] = true
@@ -219,7 +229,7 @@ func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error
 			return
 		}
 		saved = append(saved, snapshot(t))
-		setExternal(t, opts.DataFile, offset, size)
+		SetExternal(t, opts.DataFile, offset, size)
 		offset += size
 	})
 	if err != nil {

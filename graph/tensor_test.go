@@ -245,7 +245,7 @@ func TestExternalTypedView(t *testing.T) {
 		t.Fatal(err)
 	}
 	tt := &onnxpb.TensorProto{Name: proto.String("w"), DataType: proto.Int32(int32(Float16)), Dims: []int64{3}}
-	setExternal(tt, "w.bin", 16, 6)
+	SetExternal(tt, "w.bin", 16, 6)
 	m := NewModel(newModelProto(&onnxpb.GraphProto{Initializer: []*onnxpb.TensorProto{tt}}), dir)
 	defer m.Close()
 	got, err := m.Float64s(tt)

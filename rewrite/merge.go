@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 
@@ -1151,27 +1150,14 @@ type streamSource struct {
 // external or has at least Threshold bytes goes to one data file, each at
 // an offset aligned to Align.
 func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, err error) {
-	if opts.Threshold <= 0 {
-		opts.Threshold = 1024
-	}
-	if opts.Align <= 0 {
-		opts.Align = 4096
-	}
-	if opts.DataFile == "" {
-		opts.DataFile = filepath.Base(path) + ".data"
-	}
-	if strings.ContainsAny(opts.DataFile, `/\`) || opts.DataFile == "." || opts.DataFile == ".." {
-		return nil, fmt.Errorf("%s: data file name %q must be a plain file name", path, opts.DataFile)
+	opts, dataPath, err := opts.WithDefaults(path)
+	if err != nil {
+		return nil, err
 	}
 	dir := filepath.Dir(path)
-	dataPath := filepath.Join(dir, opts.DataFile)
 
 	// Where everything is read from, captured before the graph changes.
 	refs := map[*onnxpb.TensorProto]*graph.ExternalRef{}
-	inputs := []string{}
-	if p.m.Path() != "" {
-		inputs = append(inputs, p.m.Path())
-	}
 	var rerr error
 	p.m.Tensors(func(t *onnxpb.TensorProto) {
 		if rerr != nil || !graph.IsExternal(t) {
@@ -1183,12 +1169,11 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 			return
 		}
 		refs[t] = &ref
-		inputs = append(inputs, ref.Path)
 	})
 	if rerr != nil {
 		return nil, rerr
 	}
-	if err := refuseOverwrite(inputs, path, dataPath); err != nil {
+	if err := p.m.CheckOutputs(path, dataPath); err != nil {
 		return nil, err
 	}
 	sources := map[*update]streamSource{}
@@ -1309,7 +1294,7 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		}
 	}
 	for _, j := range jobs {
-		setExternal(j.t, opts.DataFile, j.offset, j.size)
+		graph.SetExternal(j.t, opts.DataFile, j.offset, j.size)
 	}
 	if err = tmp.Sync(); err != nil {
 		return nil, fmt.Errorf("%s: %w", dataPath, err)
@@ -1453,32 +1438,4 @@ func (fs *fileSet) copyRange(out *os.File, offset int64, ref *graph.ExternalRef)
 		return err
 	}
 	return graph.CopyRange(out, offset, f, ref.Offset, ref.Length)
-}
-
-// refuseOverwrite stops a save that would replace one of its inputs.
-func refuseOverwrite(inputs []string, outputs ...string) error {
-	for _, out := range outputs {
-		ost, err := os.Stat(out)
-		if err != nil {
-			continue
-		}
-		for _, in := range inputs {
-			if ist, err := os.Stat(in); err == nil && os.SameFile(ist, ost) {
-				return fmt.Errorf("%s: refusing to overwrite the input file %s; choose another output", out, in)
-			}
-		}
-	}
-	return nil
-}
-
-// setExternal points t at bytes of the output's data file.
-func setExternal(t *onnxpb.TensorProto, location string, offset, length int64) {
-	t.RawData = nil
-	t.FloatData, t.Int32Data, t.Int64Data, t.DoubleData, t.Uint64Data = nil, nil, nil, nil, nil
-	t.DataLocation = onnxpb.TensorProto_EXTERNAL.Enum()
-	t.ExternalData = []*onnxpb.StringStringEntryProto{
-		{Key: proto.String("location"), Value: proto.String(location)},
-		{Key: proto.String("offset"), Value: proto.String(strconv.FormatInt(offset, 10))},
-		{Key: proto.String("length"), Value: proto.String(strconv.FormatInt(length, 10))},
-	}
 }
