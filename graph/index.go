@@ -211,6 +211,10 @@ func (g *Graph) ConstantTensor(name string) (*onnxpb.TensorProto, *onnxpb.NodePr
 
 func isDefaultDomain(d string) bool { return d == "" || d == "ai.onnx" }
 
+// IsStandardOp reports whether n is an operator of the default ONNX domain
+// ("" or "ai.onnx"), not a contrib or custom op of the same name.
+func IsStandardOp(n *onnxpb.NodeProto) bool { return isDefaultDomain(n.GetDomain()) }
+
 // constantValue returns the tensor a Constant node produces, for the value
 // attribute; the value_float(s)/value_int(s) forms are returned as tensors too.
 func constantValue(n *onnxpb.NodeProto) *onnxpb.TensorProto {

@@ -100,7 +100,7 @@ func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 	if reason, ok := matmulLike[op]; ok && (n.GetDomain() == "com.microsoft" || op == "MatMulInteger" || op == "QLinearMatMul") {
 		return nil, reason
 	}
-	if (op != "MatMul" && op != "Gemm") || !(n.GetDomain() == "" || n.GetDomain() == "ai.onnx") || len(n.Input) < 2 {
+	if (op != "MatMul" && op != "Gemm") || !graph.IsStandardOp(n) || len(n.Input) < 2 {
 		return nil, ""
 	}
 	l := &Layer{Node: n, Graph: g, Op: op, Alpha: 1}

@@ -53,7 +53,7 @@ func findBranches(top *graph.Graph) []*branch {
 	var found []*branch
 	top.Walk(func(g *graph.Graph) {
 		for _, n := range g.Proto.Node {
-			if n.GetOpType() != "Add" || !defaultDomain(n) {
+			if n.GetOpType() != "Add" || !graph.IsStandardOp(n) {
 				continue
 			}
 			if b, _ := recognizeAt(g, n); b != nil {
@@ -64,15 +64,11 @@ func findBranches(top *graph.Graph) []*branch {
 	return found
 }
 
-func defaultDomain(n *onnxpb.NodeProto) bool {
-	return n.GetDomain() == "" || n.GetDomain() == "ai.onnx"
-}
-
 // recognizeAt checks whether add is the Add node of a LoRA branch and
 // returns the branch, or the reason it is not one (for error messages when
 // a manifest says it should be).
 func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
-	if add.GetOpType() != "Add" || !defaultDomain(add) || len(add.Input) != 2 || len(add.Output) != 1 {
+	if add.GetOpType() != "Add" || !graph.IsStandardOp(add) || len(add.Input) != 2 || len(add.Output) != 1 {
 		return nil, "not a two-input Add"
 	}
 	reason := "neither Add input is a Mul of the adapter path"
@@ -91,17 +87,17 @@ func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
 // recognizeOrder tries add = baseOut + deltaOut.
 func recognizeOrder(g *graph.Graph, add *onnxpb.NodeProto, deltaOut, baseOut string) (*branch, string) {
 	mul := g.Producer(deltaOut)
-	if mul == nil || mul.GetOpType() != "Mul" || !defaultDomain(mul) || len(mul.Input) != 2 {
+	if mul == nil || mul.GetOpType() != "Mul" || !graph.IsStandardOp(mul) || len(mul.Input) != 2 {
 		return nil, ""
 	}
 	base := g.Producer(baseOut)
-	if base == nil || !defaultDomain(base) || (base.GetOpType() != "MatMul" && base.GetOpType() != "Gemm") || len(base.Output) == 0 || base.Output[0] != baseOut {
+	if base == nil || !graph.IsStandardOp(base) || (base.GetOpType() != "MatMul" && base.GetOpType() != "Gemm") || len(base.Output) == 0 || base.Output[0] != baseOut {
 		return nil, ""
 	}
 	b := &branch{Graph: g, Base: base, Add: add, Mul: mul, Output: add.Output[0], BaseOutput: baseOut}
 	// Mul(MatMul_B output, S) in either order.
 	for j := 0; j < 2; j++ {
-		if p := g.Producer(mul.Input[j]); p != nil && p.GetOpType() == "MatMul" && defaultDomain(p) {
+		if p := g.Producer(mul.Input[j]); p != nil && p.GetOpType() == "MatMul" && graph.IsStandardOp(p) {
 			if t := scalarConstant(g, mul.Input[1-j]); t != nil {
 				b.MatMulB, b.S, b.TS = p, mul.Input[1-j], t
 				break
@@ -116,7 +112,7 @@ func recognizeOrder(g *graph.Graph, add *onnxpb.NodeProto, deltaOut, baseOut str
 		return nil, "MatMul_B does not have two inputs"
 	}
 	b.MatMulA = g.Producer(mb.Input[0])
-	if b.MatMulA == nil || b.MatMulA.GetOpType() != "MatMul" || !defaultDomain(b.MatMulA) || len(b.MatMulA.Input) != 2 {
+	if b.MatMulA == nil || b.MatMulA.GetOpType() != "MatMul" || !graph.IsStandardOp(b.MatMulA) || len(b.MatMulA.Input) != 2 {
 		return nil, "MatMul_B's input is not a MatMul (the A side)"
 	}
 	b.B, b.TB = mb.Input[1], constant2D(g, mb.Input[1])
@@ -129,7 +125,7 @@ func recognizeOrder(g *graph.Graph, add *onnxpb.NodeProto, deltaOut, baseOut str
 	in := b.MatMulA.Input[0]
 	if in != x {
 		p := g.Producer(in)
-		if p != nil && p.GetOpType() == "Dropout" && defaultDomain(p) && len(p.Input) >= 1 {
+		if p != nil && p.GetOpType() == "Dropout" && graph.IsStandardOp(p) && len(p.Input) >= 1 {
 			b.Dropout = p
 			if len(p.Input) >= 2 {
 				b.Ratio = p.Input[1]
@@ -139,7 +135,7 @@ func recognizeOrder(g *graph.Graph, add *onnxpb.NodeProto, deltaOut, baseOut str
 	}
 	if in != x {
 		p := g.Producer(in)
-		if p != nil && p.GetOpType() == "Transpose" && defaultDomain(p) && len(p.Input) == 1 && isSwap(p) {
+		if p != nil && p.GetOpType() == "Transpose" && graph.IsStandardOp(p) && len(p.Input) == 1 && isSwap(p) {
 			b.Transpose = p
 			in = p.Input[0]
 		}
