@@ -246,7 +246,7 @@ func TestBenchCompare(t *testing.T) {
 	if pa == "" || pb == "" {
 		t.Skip("set ONNXLORA_BENCH_A and ONNXLORA_BENCH_B to two models to compare (scripts/bench-merge.sh does)")
 	}
-	a, b := mgMustLoadModel(t, pa), mgMustLoadModel(t, pb)
+	a, b := loadModel(t, pa), loadModel(t, pb)
 	gb := b.Graph()
 	if len(a.Proto.Graph.Node) != len(b.Proto.Graph.Node) {
 		t.Fatalf("%d nodes vs %d", len(a.Proto.Graph.Node), len(b.Proto.Graph.Node))

@@ -19,8 +19,8 @@ func TestExportThenApplyPEFTEqualsMerge(t *testing.T) {
 	for _, c := range mgTestdataCases() {
 		t.Run(c.name, func(t *testing.T) {
 			path := c.modelPath(t)
-			base := mgMustLoadModel(t, path)
-			m := mgMustLoadModel(t, path)
+			base := loadModel(t, path)
+			m := loadModel(t, path)
 			inj := mgInjectRandom(t, m, c.inject, 91)
 			dir := filepath.Join(t.TempDir(), "adapter")
 			rep, err := ExportPEFT(m, dir, ExportOptions{BaseModel: "onnxlora/" + c.name, TaskType: "CAUSAL_LM"})
@@ -56,7 +56,7 @@ func TestExportThenApplyPEFTEqualsMerge(t *testing.T) {
 			if _, err := ApplyPEFTFile(path, dir, out, MergeOptions{}, graph.SaveOptions{External: graph.ExternalAlways}); err != nil {
 				t.Fatal(err)
 			}
-			mgSameTensors(t, mgMustLoadModel(t, out), merged)
+			mgSameTensors(t, loadModel(t, out), merged)
 		})
 	}
 }
@@ -117,7 +117,7 @@ func checkExportedFiles(t *testing.T, m *graph.Model, dir string, man *Manifest)
 }
 
 func TestExportConfigPatterns(t *testing.T) {
-	m := mgMustLoadModel(t, mgTestModels+"/tiny-gpt.onnx")
+	m := loadModel(t, mgTestModels+"/tiny-gpt.onnx")
 	mgInjectRandom(t, m, InjectConfig{SelectOptions: SelectOptions{
 		Targets: []string{"q_proj", "v_proj", "model.layers.0.mlp.down_proj"}, Rank: 8, Alpha: 16,
 		RankPattern:  []PatternEntry{{Key: "model.layers.1.self_attn.v_proj", Value: 2}},

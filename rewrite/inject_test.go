@@ -15,7 +15,7 @@ import (
 	"github.com/onnxlora/onnxlora/internal/testutil"
 )
 
-func loadModel(t *testing.T, path string) *graph.Model {
+func loadModel(t testing.TB, path string) *graph.Model {
 	t.Helper()
 	m, err := graph.Load(path)
 	if err != nil {

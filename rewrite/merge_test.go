@@ -14,37 +14,17 @@ import (
 
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
+	"github.com/onnxlora/onnxlora/internal/testutil"
 	"github.com/onnxlora/onnxlora/ortrun"
 	"github.com/onnxlora/onnxlora/ortrun/orttest"
 )
 
 const (
 	mgTestModels = "../testdata/models"
-	mgCorpusDir  = "../../shared/corpus"
+	mgCorpusDir  = "../../shared/corpus" // resolved through testutil.Corpus
 )
 
 // ---- helpers shared by the merge, PEFT and export tests ----
-
-func mgMustLoadModel(t testing.TB, path string) *graph.Model {
-	t.Helper()
-	m, err := graph.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-// mgCorpusModel returns the path of a corpus model, skipping when the shared
-// corpus is not checked out beside the repository.
-func mgCorpusModel(t testing.TB, name string) string {
-	t.Helper()
-	p := filepath.Join(mgCorpusDir, name)
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("skipping: corpus model %s not found (%v); it lives in ../shared/corpus beside the repository", name, err)
-	}
-	return p
-}
 
 // mgCloneModel copies a model in memory; external data stays where it is.
 func mgCloneModel(m *graph.Model) *graph.Model {
@@ -393,7 +373,7 @@ func (c mgBaseCase) modelPath(t testing.TB) string {
 		return c.build(t, t.TempDir())
 	}
 	if strings.HasPrefix(c.path, mgCorpusDir) {
-		return mgCorpusModel(t, strings.TrimPrefix(c.path, mgCorpusDir+"/"))
+		return testutil.Corpus(t, strings.TrimPrefix(c.path, mgCorpusDir+"/"))
 	}
 	return c.path
 }
@@ -433,8 +413,8 @@ func TestMergeRestoresBaseGraph(t *testing.T) {
 	for _, c := range mgTestdataCases() {
 		t.Run(c.name, func(t *testing.T) {
 			path := c.modelPath(t)
-			base := mgMustLoadModel(t, path)
-			m := mgMustLoadModel(t, path)
+			base := loadModel(t, path)
+			m := loadModel(t, path)
 			inj := mgInjectRandom(t, m, c.inject, 11)
 			injected := mgCloneModel(m)
 			rep, err := Merge(m, MergeOptions{})
@@ -653,7 +633,7 @@ func mgWriteTestModel(t testing.TB, path string, g *onnxpb.GraphProto) string {
 // mgBuildGemmAlpha is mlp-gemm-transb with alpha 0.5 on fc2 and alpha 1.25,
 // beta 0.75 on fc3: the merged delta must be divided by alpha.
 func mgBuildGemmAlpha(t testing.TB, dir string) string {
-	m := mgMustLoadModel(t, mgTestModels+"/mlp-gemm-transb.onnx")
+	m := loadModel(t, mgTestModels+"/mlp-gemm-transb.onnx")
 	for _, n := range m.Proto.Graph.Node {
 		switch n.GetName() {
 		case "/fc2/Gemm":
@@ -788,14 +768,14 @@ func TestMergeMatchesUnmergedORT(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
 			basePath := c.modelPath(t)
-			m := mgMustLoadModel(t, basePath)
+			m := loadModel(t, basePath)
 			inj := mgInjectRandom(t, m, c.inject, 21)
 			injPath := mgSaveModel(t, m, filepath.Join(dir, "injected", "model.onnx"))
 			feeds := c.feeds(t)
 			want := mgRunModel(t, injPath, feeds)
 			before := mgRunModel(t, basePath, feeds)
 
-			mm := mgMustLoadModel(t, injPath)
+			mm := loadModel(t, injPath)
 			rep, err := Merge(mm, MergeOptions{})
 			if err != nil {
 				t.Fatal(err)
@@ -822,7 +802,7 @@ func TestMergeMatchesUnmergedORT(t *testing.T) {
 			if _, err := MergeFile(injPath, streamPath, MergeOptions{}, graph.SaveOptions{External: graph.ExternalAlways}); err != nil {
 				t.Fatal(err)
 			}
-			mgSameTensors(t, mgMustLoadModel(t, mergedPath), mgMustLoadModel(t, streamPath))
+			mgSameTensors(t, loadModel(t, mergedPath), loadModel(t, streamPath))
 			if len(got) > 0 {
 				mgCompareRuns(t, mgRunModel(t, streamPath, feeds), got, 0)
 			}
@@ -901,7 +881,7 @@ func mgSameTensors(t testing.TB, a, b *graph.Model) {
 func TestMergeWithoutManifest(t *testing.T) {
 	for _, c := range mgTestdataCases() {
 		t.Run(c.name, func(t *testing.T) {
-			m := mgMustLoadModel(t, c.modelPath(t))
+			m := loadModel(t, c.modelPath(t))
 			mgInjectRandom(t, m, c.inject, 31)
 			stripped := mgCloneModel(m)
 			stripped.DeleteMetadata(ManifestKey)
@@ -944,14 +924,14 @@ func equalJSON(a, b any) bool {
 func TestMergeOnlyKeepsTheRestLive(t *testing.T) {
 	orttest.Require(t)
 	dir := t.TempDir()
-	m := mgMustLoadModel(t, mgTestModels+"/tiny-gpt.onnx")
+	m := loadModel(t, mgTestModels+"/tiny-gpt.onnx")
 	inj := mgInjectRandom(t, m, InjectConfig{}, 41)
 	injPath := mgSaveModel(t, m, filepath.Join(dir, "injected.onnx"))
 	feeds := func(*ortrun.Session) []ortrun.Tensor { return mgGoldenFeeds(t, "tiny-gpt.onnx") }
 	want := mgRunModel(t, injPath, feeds)
 
 	only := []string{"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"}
-	part := mgMustLoadModel(t, injPath)
+	part := loadModel(t, injPath)
 	rep, err := Merge(part, MergeOptions{Only: only})
 	if err != nil {
 		t.Fatal(err)
@@ -972,23 +952,23 @@ func TestMergeOnlyKeepsTheRestLive(t *testing.T) {
 	mgCompareRuns(t, mgRunModel(t, partPath, feeds), want, 1e-5)
 
 	// Merging the rest gives what merging everything at once gives.
-	rest := mgMustLoadModel(t, partPath)
+	rest := loadModel(t, partPath)
 	if _, err := Merge(rest, MergeOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	all := mgMustLoadModel(t, injPath)
+	all := loadModel(t, injPath)
 	if _, err := Merge(all, MergeOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	mgSameTensors(t, rest, all)
 
-	if _, err := Merge(mgMustLoadModel(t, injPath), MergeOptions{Only: []string{"q_proj"}}); err == nil || !strings.Contains(err.Error(), "no adapter for module(s) q_proj") {
+	if _, err := Merge(loadModel(t, injPath), MergeOptions{Only: []string{"q_proj"}}); err == nil || !strings.Contains(err.Error(), "no adapter for module(s) q_proj") {
 		t.Errorf("unknown module: %v", err)
 	}
 }
 
 func TestMergeScale(t *testing.T) {
-	m := mgMustLoadModel(t, mgTestModels+"/mlp-gemm-transb.onnx")
+	m := loadModel(t, mgTestModels+"/mlp-gemm-transb.onnx")
 	mgInjectRandom(t, m, InjectConfig{}, 51)
 	injected := mgCloneModel(m)
 	rep, err := Merge(m, MergeOptions{Scale: 0.25})
@@ -1009,7 +989,7 @@ func TestMergeScale(t *testing.T) {
 
 func TestMergeSafe(t *testing.T) {
 	dir := t.TempDir()
-	m := mgMustLoadModel(t, mgTestModels+"/tiny-gpt-fp16.onnx")
+	m := loadModel(t, mgTestModels+"/tiny-gpt-fp16.onnx")
 	mgInjectRandom(t, m, InjectConfig{}, 61)
 	// Large factors overflow float16 in one layer.
 	man, _ := ReadManifest(m)
@@ -1054,7 +1034,7 @@ func TestMergeSafe(t *testing.T) {
 }
 
 func TestMergeSharedWeights(t *testing.T) {
-	base := mgMustLoadModel(t, mgTestModels+"/shared-weight.onnx")
+	base := loadModel(t, mgTestModels+"/shared-weight.onnx")
 	for _, tc := range []struct {
 		targets []string
 		copies  map[string]string // module -> original weight of its copy
@@ -1100,10 +1080,10 @@ func TestMergeSharedWeights(t *testing.T) {
 }
 
 func TestMergeErrors(t *testing.T) {
-	if _, err := Merge(mgMustLoadModel(t, mgTestModels+"/tiny-gpt.onnx"), MergeOptions{}); err == nil || !strings.Contains(err.Error(), "no LoRA adapters") {
+	if _, err := Merge(loadModel(t, mgTestModels+"/tiny-gpt.onnx"), MergeOptions{}); err == nil || !strings.Contains(err.Error(), "no LoRA adapters") {
 		t.Errorf("base model: %v", err)
 	}
-	m := mgMustLoadModel(t, mgTestModels+"/tiny-gpt.onnx")
+	m := loadModel(t, mgTestModels+"/tiny-gpt.onnx")
 	mgInjectRandom(t, m, InjectConfig{}, 81)
 	man, _ := ReadManifest(m)
 	a := man.Adapters[2]
@@ -1129,7 +1109,7 @@ func TestMergeErrors(t *testing.T) {
 	}
 
 	// A Gemm with alpha 0 cannot take a delta.
-	gm := mgMustLoadModel(t, mgTestModels+"/mlp-gemm-transb.onnx")
+	gm := loadModel(t, mgTestModels+"/mlp-gemm-transb.onnx")
 	mgInjectRandom(t, gm, InjectConfig{}, 82)
 	for _, n := range gm.Proto.Graph.Node {
 		if n.GetName() == "/fc1/Gemm" {

@@ -50,7 +50,7 @@ func TestApplyPEFTMatchesTorchMerge(t *testing.T) {
 		t.Run(fixture, func(t *testing.T) {
 			exp := readPEFTExpected(t, fixture)
 			dir := filepath.Join("testdata", fixture)
-			m := mgMustLoadModel(t, filepath.Join(dir, "base.onnx"))
+			m := loadModel(t, filepath.Join(dir, "base.onnx"))
 			rep, err := ApplyPEFT(m, filepath.Join(dir, "adapter"), MergeOptions{})
 			if err != nil {
 				t.Fatal(err)
@@ -68,7 +68,7 @@ func TestApplyPEFTMatchesTorchMerge(t *testing.T) {
 			}
 
 			// The weights equal torch's merge (float64, one rounding) to the ulp.
-			torchMerged := mgMustLoadModel(t, filepath.Join(dir, "merged.onnx"))
+			torchMerged := loadModel(t, filepath.Join(dir, "merged.onnx"))
 			gm, gt := m.Graph(), torchMerged.Graph()
 			for _, ml := range rep.Merged {
 				ours := gm.ResolveWeight(mgNodeByName(m, ml.Node).Input[1])
@@ -114,7 +114,7 @@ func ulp32(x float64) float64 {
 
 func TestApplyPEFTFileStreams(t *testing.T) {
 	dir := filepath.Join("testdata", "peft-llama")
-	m := mgMustLoadModel(t, filepath.Join(dir, "base.onnx"))
+	m := loadModel(t, filepath.Join(dir, "base.onnx"))
 	if _, err := ApplyPEFT(m, filepath.Join(dir, "adapter"), MergeOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -129,12 +129,12 @@ func TestApplyPEFTFileStreams(t *testing.T) {
 	if _, err := os.Stat(out + ".data"); err != nil {
 		t.Errorf("no external data written: %v", err)
 	}
-	mgSameTensors(t, mgMustLoadModel(t, out), m)
+	mgSameTensors(t, loadModel(t, out), m)
 }
 
 func TestApplyPEFTOptions(t *testing.T) {
 	dir := filepath.Join("testdata", "peft-llama")
-	base := mgMustLoadModel(t, filepath.Join(dir, "base.onnx"))
+	base := loadModel(t, filepath.Join(dir, "base.onnx"))
 	adapter := filepath.Join(dir, "adapter")
 
 	only := mgCloneModel(base)
@@ -186,12 +186,12 @@ func TestApplyPEFTErrors(t *testing.T) {
 	gpt2 := filepath.Join("testdata", "peft-gpt2")
 
 	// An adapter for another model: no module matches.
-	_, err := ApplyPEFT(mgMustLoadModel(t, filepath.Join(llama, "base.onnx")), filepath.Join(gpt2, "adapter"), MergeOptions{})
+	_, err := ApplyPEFT(loadModel(t, filepath.Join(llama, "base.onnx")), filepath.Join(gpt2, "adapter"), MergeOptions{})
 	if err == nil || !strings.Contains(err.Error(), "match no layer") || !strings.Contains(err.Error(), "transformer.h.0.attn.c_attn") {
 		t.Errorf("adapter of another model: %v", err)
 	}
 	// Same module names, other sizes (tiny-gpt has hidden size 32).
-	_, err = ApplyPEFT(mgMustLoadModel(t, mgTestModels+"/tiny-gpt.onnx"), filepath.Join(llama, "adapter"), MergeOptions{})
+	_, err = ApplyPEFT(loadModel(t, mgTestModels+"/tiny-gpt.onnx"), filepath.Join(llama, "adapter"), MergeOptions{})
 	if err == nil || !strings.Contains(err.Error(), "make a delta for 16 inputs") {
 		t.Errorf("wrong sizes: %v", err)
 	}
@@ -207,7 +207,7 @@ func TestApplyPEFTErrors(t *testing.T) {
 			json.Unmarshal([]byte(tc.value), &v)
 			cfg[tc.key] = v
 		})
-		_, err := ApplyPEFT(mgMustLoadModel(t, filepath.Join(llama, "base.onnx")), dir, MergeOptions{})
+		_, err := ApplyPEFT(loadModel(t, filepath.Join(llama, "base.onnx")), dir, MergeOptions{})
 		if !errors.Is(err, export.ErrUnsupported) {
 			t.Errorf("%s=%s: %v", tc.key, tc.value, err)
 		}
@@ -220,7 +220,7 @@ func TestApplyPEFTErrors(t *testing.T) {
 	}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ApplyPEFT(mgMustLoadModel(t, filepath.Join(llama, "base.onnx")), dir, MergeOptions{}); !errors.Is(err, export.ErrUnsupported) || !strings.Contains(err.Error(), "Embedding") {
+	if _, err := ApplyPEFT(loadModel(t, filepath.Join(llama, "base.onnx")), dir, MergeOptions{}); !errors.Is(err, export.ErrUnsupported) || !strings.Contains(err.Error(), "Embedding") {
 		t.Errorf("embedding adapter: %v", err)
 	}
 }
