@@ -2,7 +2,6 @@ package inspect
 
 import (
 	"bytes"
-	"flag"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -13,10 +12,9 @@ import (
 	"testing"
 
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/testutil"
 	"github.com/onnxlora/onnxlora/rewrite"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
 const modelsDir = "../testdata/models"
 
@@ -28,27 +26,6 @@ func load(t *testing.T, name string) *graph.Model {
 	}
 	t.Cleanup(func() { m.Close() })
 	return m
-}
-
-func golden(t *testing.T, name string, got []byte) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.MkdirAll("testdata", 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to create it)", err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("output differs from %s (run go test -update if intended); got:\n%s", path, got)
-	}
 }
 
 // injected returns tiny-gpt with q_proj/v_proj adapters, in memory.
@@ -91,9 +68,9 @@ func TestGoldenReports(t *testing.T) {
 			if err := WriteDOT(&dot, r, DOTOptions{}); err != nil {
 				t.Fatal(err)
 			}
-			golden(t, c.name+".txt", text.Bytes())
-			golden(t, c.name+".json", js.Bytes())
-			golden(t, c.name+".dot", dot.Bytes())
+			testutil.Golden(t, c.name+".txt", text.Bytes())
+			testutil.Golden(t, c.name+".json", js.Bytes())
+			testutil.Golden(t, c.name+".dot", dot.Bytes())
 			for _, out := range []*bytes.Buffer{&text, &dot} {
 				for i, line := range strings.Split(out.String(), "\n") {
 					if strings.TrimRight(line, " ") != line {

@@ -118,7 +118,7 @@ func TestInjectDryRunWritesNothing(t *testing.T) {
 	if !strings.Contains(r.stdout, "trainable params: 2048 || all params: 27904") {
 		t.Errorf("dry run output lacks the PEFT line:\n%s", r.stdout)
 	}
-	golden(t, "inject-dry-run.txt", []byte(strings.ReplaceAll(r.stdout, dir, "$TMP")))
+	testutil.Golden(t, "inject-dry-run.txt", []byte(strings.ReplaceAll(r.stdout, dir, "$TMP")))
 
 	// Without -o, a dry run is fine too.
 	mustRun(t, "inject", model("tiny-gpt.onnx"), "--target", "all-linear", "--dry-run")

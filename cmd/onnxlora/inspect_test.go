@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/onnxlora/onnxlora/inspect"
+	"github.com/onnxlora/onnxlora/internal/testutil"
 )
 
 // TestInspectGolden checks the text and JSON reports of the project's test
@@ -34,10 +35,10 @@ func TestInspectGolden(t *testing.T) {
 				t.Skipf("skipping: %v", err)
 			}
 			text := mustRun(t, append([]string{"inspect", path}, c.args...)...)
-			golden(t, "inspect/"+c.name+".txt", []byte(text.stdout))
+			testutil.Golden(t, "inspect/"+c.name+".txt", []byte(text.stdout))
 			js := mustRun(t, append([]string{"inspect", path, "--json"}, c.args...)...)
 			checkJSON(t, js.stdout)
-			golden(t, "inspect/"+c.name+".json", []byte(js.stdout))
+			testutil.Golden(t, "inspect/"+c.name+".json", []byte(js.stdout))
 		})
 	}
 }
@@ -62,10 +63,10 @@ func TestInspectCorpusGolden(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			path := corpusModel(t, c.model)
 			text := mustRun(t, append([]string{"inspect", path}, c.args...)...)
-			golden(t, "corpus/"+c.name+".txt", []byte(text.stdout))
+			testutil.Golden(t, "corpus/"+c.name+".txt", []byte(text.stdout))
 			js := mustRun(t, append([]string{"inspect", path, "--json"}, c.args...)...)
 			checkJSON(t, js.stdout)
-			golden(t, "corpus/"+c.name+".json", []byte(js.stdout))
+			testutil.Golden(t, "corpus/"+c.name+".json", []byte(js.stdout))
 		})
 	}
 }
@@ -106,7 +107,7 @@ func TestInspectInjected(t *testing.T) {
 	mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", lora, "--target", "q_proj,v_proj", "--rank", "8", "--alpha", "16")
 
 	r := mustRun(t, "inspect", lora)
-	golden(t, "inspect/tiny-gpt-lora.txt", []byte(strings.ReplaceAll(r.stdout, dir, "$TMP")))
+	testutil.Golden(t, "inspect/tiny-gpt-lora.txt", []byte(strings.ReplaceAll(r.stdout, dir, "$TMP")))
 	js := mustRun(t, "inspect", lora, "--json")
 	var rep inspect.Report
 	if err := json.Unmarshal([]byte(js.stdout), &rep); err != nil {
@@ -120,10 +121,10 @@ func TestInspectInjected(t *testing.T) {
 			t.Errorf("%s: rank %d alpha %v norm %v; want 8, 16, 0", a.Module, a.Rank, a.Alpha, a.Norm)
 		}
 	}
-	golden(t, "inspect/tiny-gpt-lora.json", []byte(strings.ReplaceAll(js.stdout, dir, "$TMP")))
+	testutil.Golden(t, "inspect/tiny-gpt-lora.json", []byte(strings.ReplaceAll(js.stdout, dir, "$TMP")))
 
 	dot := mustRun(t, "inspect", lora, "--dot", "--layer", `layers\.0\.self_attn\.(q|k)_proj`, "--target", "k_proj")
-	golden(t, "inspect/tiny-gpt-lora.dot", []byte(strings.ReplaceAll(dot.stdout, dir, "$TMP")))
+	testutil.Golden(t, "inspect/tiny-gpt-lora.dot", []byte(strings.ReplaceAll(dot.stdout, dir, "$TMP")))
 	if n := strings.Count(dot.stdout, "subgraph cluster_"); n != 2 {
 		t.Errorf("DOT has %d clusters, want 2", n)
 	}
