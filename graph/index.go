@@ -2,9 +2,8 @@ package graph
 
 import (
 	"fmt"
-	"sort"
+	"slices"
 	"strconv"
-	"strings"
 
 	"google.golang.org/protobuf/proto"
 
@@ -34,6 +33,11 @@ type Graph struct {
 	inputs       map[string]*onnxpb.ValueInfoProto
 	outputs      map[string]*onnxpb.ValueInfoProto
 	names        *nameSet // shared by a whole tree of graphs
+	// positions finds a node's index in Proto.Node without a scan: each
+	// node's index when recorded, corrected by the shifts logged since.
+	positions map[*onnxpb.NodeProto]nodePos
+	shifts    []shift
+	rescans   int // lookups the shift log could not answer (tests read it)
 	// legacyInputs is set for IR versions before 4, which list every
 	// initializer as a graph input too: those are constants, not inputs.
 	legacyInputs bool
@@ -79,6 +83,7 @@ func (g *Graph) index(names *nameSet) {
 	g.inputs = map[string]*onnxpb.ValueInfoProto{}
 	g.outputs = map[string]*onnxpb.ValueInfoProto{}
 	g.Subgraphs = nil
+	g.renumber()
 	p := g.Proto
 	for _, t := range p.Initializer {
 		g.initializers[t.GetName()] = t
@@ -116,20 +121,23 @@ func appendOnce(nodes []*onnxpb.NodeProto, n *onnxpb.NodeProto) []*onnxpb.NodePr
 func (g *Graph) outerReads() map[string]bool {
 	reads := map[string]bool{}
 	for name, nodes := range g.consumers {
-		if len(nodes) > 0 && !g.definesLocally(name) {
+		if len(nodes) > 0 && !g.DefinesLocally(name) {
 			reads[name] = true
 		}
 	}
 	// A subgraph may also return an outer value as one of its outputs.
 	for name := range g.outputs {
-		if name != "" && !g.definesLocally(name) {
+		if name != "" && !g.DefinesLocally(name) {
 			reads[name] = true
 		}
 	}
 	return reads
 }
 
-func (g *Graph) definesLocally(name string) bool {
+// DefinesLocally reports whether this graph itself defines name (an
+// initializer, sparse initializer, input or node output) rather than
+// reading it from an enclosing graph.
+func (g *Graph) DefinesLocally(name string) bool {
 	_, isInit := g.initializers[name]
 	_, isInput := g.inputs[name]
 	_, isProduced := g.producer[name]
@@ -209,66 +217,6 @@ func (g *Graph) ConstantTensor(name string) (*onnxpb.TensorProto, *onnxpb.NodePr
 	return nil, nil, nil
 }
 
-func isDefaultDomain(d string) bool { return d == "" || d == "ai.onnx" }
-
-// IsStandardOp reports whether n is an operator of the default ONNX domain
-// ("" or "ai.onnx"), not a contrib or custom op of the same name.
-func IsStandardOp(n *onnxpb.NodeProto) bool { return isDefaultDomain(n.GetDomain()) }
-
-// constantValue returns the tensor a Constant node produces, for the value
-// attribute; the value_float(s)/value_int(s) forms are returned as tensors too.
-func constantValue(n *onnxpb.NodeProto) *onnxpb.TensorProto {
-	for _, a := range n.Attribute {
-		switch a.GetName() {
-		case "value":
-			return a.T
-		case "value_float":
-			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Float)), FloatData: []float32{a.GetF()}}
-		case "value_floats":
-			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Float)), Dims: []int64{int64(len(a.Floats))}, FloatData: a.Floats}
-		case "value_int":
-			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Int64)), Int64Data: []int64{a.GetI()}}
-		case "value_ints":
-			return &onnxpb.TensorProto{DataType: proto.Int32(int32(Int64)), Dims: []int64{int64(len(a.Ints))}, Int64Data: a.Ints}
-		}
-	}
-	return nil
-}
-
-// Attr returns the node attribute called name, or nil.
-func Attr(n *onnxpb.NodeProto, name string) *onnxpb.AttributeProto {
-	for _, a := range n.Attribute {
-		if a.GetName() == name {
-			return a
-		}
-	}
-	return nil
-}
-
-// AttrInt returns an INT attribute's value, or def when absent.
-func AttrInt(n *onnxpb.NodeProto, name string, def int64) int64 {
-	if a := Attr(n, name); a != nil {
-		return a.GetI()
-	}
-	return def
-}
-
-// AttrFloat returns a FLOAT attribute's value, or def when absent.
-func AttrFloat(n *onnxpb.NodeProto, name string, def float32) float32 {
-	if a := Attr(n, name); a != nil {
-		return a.GetF()
-	}
-	return def
-}
-
-// AttrInts returns an INTS attribute's values, or nil when absent.
-func AttrInts(n *onnxpb.NodeProto, name string) []int64 {
-	if a := Attr(n, name); a != nil {
-		return a.Ints
-	}
-	return nil
-}
-
 // IsUsed reports whether a value or node name is taken anywhere in the
 // model this graph belongs to.
 func (g *Graph) IsUsed(name string) bool { return g.names.used[name] }
@@ -287,6 +235,7 @@ func (g *Graph) UniqueName(base string) string {
 // AddNode appends a node to the graph and indexes it. Call Toposort when the
 // order matters.
 func (g *Graph) AddNode(n *onnxpb.NodeProto) {
+	g.positions[n] = nodePos{at: len(g.Proto.Node), epoch: len(g.shifts)}
 	g.Proto.Node = append(g.Proto.Node, n)
 	g.indexNode(n)
 }
@@ -299,22 +248,70 @@ func (g *Graph) InsertNodesAfter(at *onnxpb.NodeProto, nodes ...*onnxpb.NodeProt
 	if i < 0 {
 		return fmt.Errorf("node %q is not in graph %q", at.GetName(), g.Proto.GetName())
 	}
-	rest := append([]*onnxpb.NodeProto{}, g.Proto.Node[i+1:]...)
-	g.Proto.Node = append(append(g.Proto.Node[:i+1], nodes...), rest...)
-	for _, n := range nodes {
+	g.Proto.Node = slices.Insert(g.Proto.Node, i+1, nodes...)
+	g.logShift(i, len(nodes))
+	for k, n := range nodes {
+		g.positions[n] = nodePos{at: i + 1 + k, epoch: len(g.shifts)}
 		g.indexNode(n)
 	}
 	return nil
 }
 
+// nodePos is where a node was when recorded: its index in Proto.Node
+// after the first epoch entries of Graph.shifts.
+type nodePos struct{ at, epoch int }
+
+// shift records an edit of Proto.Node: every node then at an index above at
+// moved by d (k for k nodes inserted after at, -1 for the node at removed).
+type shift struct{ at, d int }
+
+// renumber records every node's exact index and clears the shift log.
+func (g *Graph) renumber() {
+	g.positions = make(map[*onnxpb.NodeProto]nodePos, len(g.Proto.Node))
+	for i, n := range g.Proto.Node {
+		g.positions[n] = nodePos{at: i}
+	}
+	g.shifts = g.shifts[:0]
+}
+
+// logShift records an edit, renumbering instead once the log is long
+// enough that replaying it costs about as much: a lookup then costs
+// O(sqrt(nodes)) amortized instead of a scan of the node list.
+func (g *Graph) logShift(at, d int) {
+	if n := len(g.shifts) + 1; n*n > len(g.Proto.Node) && n > 16 {
+		g.renumber()
+		return
+	}
+	g.shifts = append(g.shifts, shift{at, d})
+}
+
+// nodeIndex returns n's index in Proto.Node, or -1 if n is not there.
 func (g *Graph) nodeIndex(n *onnxpb.NodeProto) int {
-	for i, have := range g.Proto.Node {
-		if have == n {
+	if np, ok := g.positions[n]; ok {
+		i := np.at
+		for _, s := range g.shifts[np.epoch:] {
+			if i > s.at {
+				i += s.d
+			}
+		}
+		if i >= 0 && i < len(g.Proto.Node) && g.Proto.Node[i] == n {
 			return i
 		}
+	} else if len(g.positions) == len(g.Proto.Node) {
+		return -1
+	}
+	// Proto.Node was edited without going through the index (the doc asks
+	// for Reindex then); one renumbering settles where n is.
+	g.rescans++
+	g.renumber()
+	if np, ok := g.positions[n]; ok {
+		return np.at
 	}
 	return -1
 }
+
+// hasNode reports whether n is one of this graph's own nodes.
+func (g *Graph) hasNode(n *onnxpb.NodeProto) bool { return g.nodeIndex(n) >= 0 }
 
 // indexNode adds a node of this graph to the index, with the subgraphs it
 // holds.
@@ -353,7 +350,9 @@ func (g *Graph) RemoveNode(n *onnxpb.NodeProto) error {
 		return fmt.Errorf("node %q is not in graph %q", n.GetName(), g.Proto.GetName())
 	}
 	reads := g.nodeReads(n)
-	g.Proto.Node = append(g.Proto.Node[:i], g.Proto.Node[i+1:]...)
+	g.Proto.Node = slices.Delete(g.Proto.Node, i, i+1)
+	delete(g.positions, n)
+	g.logShift(i, -1)
 	for _, out := range n.Output {
 		if g.producer[out] == n {
 			delete(g.producer, out)
@@ -463,7 +462,7 @@ func (g *Graph) renameReads(n *onnxpb.NodeProto, old, replacement string) {
 
 // replaceCaptured renames a value captured from an outer scope.
 func (g *Graph) replaceCaptured(old, replacement string) {
-	if g.definesLocally(old) {
+	if g.DefinesLocally(old) {
 		return
 	}
 	for _, n := range append([]*onnxpb.NodeProto(nil), g.consumers[old]...) {
@@ -540,161 +539,4 @@ func (g *Graph) isDead(n *onnxpb.NodeProto) bool {
 		}
 	}
 	return len(n.Output) > 0
-}
-
-// Toposort orders the nodes so that each comes after the producers of its
-// inputs (including values its subgraphs capture), keeping the existing
-// order wherever it is already valid. Real exporters write unsorted graphs;
-// this accepts them. A cycle is reported with the nodes on it. Subgraphs
-// are sorted too.
-func (g *Graph) Toposort() error {
-	nodes := g.Proto.Node
-	pos := make(map[*onnxpb.NodeProto]int, len(nodes))
-	for i, n := range nodes {
-		pos[n] = i
-	}
-	// deps[i] = indices of nodes in this graph that node i waits for.
-	waits := make([]int, len(nodes))
-	users := make([][]int, len(nodes))
-	for i, n := range nodes {
-		seen := map[int]bool{}
-		for _, in := range g.nodeReads(n) {
-			p, ok := g.producer[in]
-			if !ok {
-				continue
-			}
-			j := pos[p]
-			if j == i || seen[j] {
-				if j == i {
-					return fmt.Errorf("graph %q: node %s reads its own output %q", g.Proto.GetName(), nodeLabel(n), in)
-				}
-				continue
-			}
-			seen[j] = true
-			waits[i]++
-			users[j] = append(users[j], i)
-		}
-	}
-	// Kahn's algorithm with a min-heap on original position keeps the
-	// original order whenever it is valid.
-	ready := &intHeap{}
-	for i := range nodes {
-		if waits[i] == 0 {
-			ready.push(i)
-		}
-	}
-	order := make([]*onnxpb.NodeProto, 0, len(nodes))
-	for ready.len() > 0 {
-		i := ready.pop()
-		order = append(order, nodes[i])
-		for _, u := range users[i] {
-			waits[u]--
-			if waits[u] == 0 {
-				ready.push(u)
-			}
-		}
-	}
-	if len(order) != len(nodes) {
-		// Nodes left waiting are on a cycle or downstream of one; peel off
-		// those that nothing left waiting depends on, to name the cycle.
-		left := map[int]bool{}
-		for i := range nodes {
-			if waits[i] > 0 {
-				left[i] = true
-			}
-		}
-		for changed := true; changed; {
-			changed = false
-			for i := range left {
-				feeds := false
-				for _, u := range users[i] {
-					feeds = feeds || left[u]
-				}
-				if !feeds {
-					delete(left, i)
-					changed = true
-				}
-			}
-		}
-		var stuck []string
-		for i, n := range nodes {
-			if left[i] {
-				stuck = append(stuck, nodeLabel(n))
-			}
-		}
-		if len(stuck) > 8 {
-			stuck = append(stuck[:8], fmt.Sprintf("and %d more", len(stuck)-8))
-		}
-		return fmt.Errorf("graph %q has a cycle: nodes %s depend on each other", g.Proto.GetName(), strings.Join(stuck, ", "))
-	}
-	copy(g.Proto.Node, order)
-	for _, sg := range g.Subgraphs {
-		if err := sg.Toposort(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// nodeReads returns a node's inputs plus the outer values its subgraphs read.
-func (g *Graph) nodeReads(n *onnxpb.NodeProto) []string {
-	reads := append([]string(nil), n.Input...)
-	for _, sg := range g.Subgraphs {
-		if sg.Owner != n {
-			continue
-		}
-		var captured []string
-		for name := range sg.outerReads() {
-			captured = append(captured, name)
-		}
-		sort.Strings(captured)
-		reads = append(reads, captured...)
-	}
-	return reads
-}
-
-func nodeLabel(n *onnxpb.NodeProto) string {
-	if n.GetName() != "" {
-		return strconv.Quote(n.GetName())
-	}
-	return fmt.Sprintf("%s(-> %s)", n.GetOpType(), strings.Join(n.Output, ","))
-}
-
-// intHeap is a min-heap of ints.
-type intHeap struct{ a []int }
-
-func (h *intHeap) len() int { return len(h.a) }
-
-func (h *intHeap) push(x int) {
-	h.a = append(h.a, x)
-	for i := len(h.a) - 1; i > 0; {
-		p := (i - 1) / 2
-		if h.a[p] <= h.a[i] {
-			break
-		}
-		h.a[p], h.a[i] = h.a[i], h.a[p]
-		i = p
-	}
-}
-
-func (h *intHeap) pop() int {
-	top := h.a[0]
-	last := len(h.a) - 1
-	h.a[0] = h.a[last]
-	h.a = h.a[:last]
-	for i := 0; ; {
-		l, r, m := 2*i+1, 2*i+2, i
-		if l < len(h.a) && h.a[l] < h.a[m] {
-			m = l
-		}
-		if r < len(h.a) && h.a[r] < h.a[m] {
-			m = r
-		}
-		if m == i {
-			break
-		}
-		h.a[m], h.a[i] = h.a[i], h.a[m]
-		i = m
-	}
-	return top
 }

@@ -599,3 +599,114 @@ func TestToposortKeepsSortedModels(t *testing.T) {
 	}
 	t.Logf("%d sorted models kept their order", checked)
 }
+
+// TestManyEdits applies thousands of random inserts and removals to a large
+// graph and checks, against a plain slice edited the same way, the node
+// order, every position the index reports, and the producer/consumer index
+// against a fresh one.
+func TestManyEdits(t *testing.T) {
+	r := rand.New(rand.NewSource(7))
+	gp := randomDAG(r, 3000)
+	g := NewGraph(gp)
+	ref := slices.Clone(gp.Node)
+	readers := map[string]int{} // value -> nodes reading it, kept by hand
+	for _, n := range gp.Node {
+		for _, in := range n.Input {
+			readers[in]++
+		}
+	}
+	var removed []*onnxpb.NodeProto
+	checkAll := func(step int) {
+		t.Helper()
+		for i, n := range ref {
+			if got := g.nodeIndex(n); got != i {
+				t.Fatalf("step %d: node %s at %d, index says %d", step, n.GetName(), i, got)
+			}
+		}
+		for _, n := range removed {
+			if got := g.nodeIndex(n); got != -1 {
+				t.Fatalf("step %d: removed node %s found at %d", step, n.GetName(), got)
+			}
+		}
+		fresh := NewGraph(gp)
+		for _, n := range ref {
+			for _, v := range append(slices.Clone(n.Input), n.Output...) {
+				if g.Producer(v) != fresh.Producer(v) {
+					t.Fatalf("step %d: Producer(%s) differs from a fresh index", step, v)
+				}
+				got, want := nodeNames(g.Consumers(v)), nodeNames(fresh.Consumers(v))
+				slices.Sort(got)
+				slices.Sort(want)
+				if !slices.Equal(got, want) {
+					t.Fatalf("step %d: Consumers(%s) = %v, a fresh index says %v", step, v, got, want)
+				}
+			}
+		}
+		checkSorted(t, gp, nil)
+	}
+	added := 0
+	for step := 0; step < 4000; step++ {
+		i := r.Intn(len(ref))
+		at := ref[i]
+		if out := at.Output[0]; r.Intn(2) == 0 && readers[out] == 0 && !g.IsGraphOutput(out) {
+			if err := g.RemoveNode(at); err != nil {
+				t.Fatalf("step %d: %v", step, err)
+			}
+			ref = slices.Delete(ref, i, i+1)
+			for _, in := range at.Input {
+				readers[in]--
+			}
+			removed = append(removed, at)
+		} else {
+			// New nodes read the anchor's output, so the order stays valid.
+			var nodes []*onnxpb.NodeProto
+			prev := at.Output[0]
+			for k := 0; k < 1+r.Intn(3); k++ {
+				out := fmt.Sprintf("e%d", added)
+				nodes = append(nodes, node(fmt.Sprintf("edit%d", added), "Relu", []string{prev}, []string{out}))
+				readers[prev]++
+				prev = out
+				added++
+			}
+			if err := g.InsertNodesAfter(at, nodes...); err != nil {
+				t.Fatalf("step %d: %v", step, err)
+			}
+			ref = slices.Insert(ref, i+1, nodes...)
+		}
+		if !slices.Equal(gp.Node, ref) {
+			t.Fatalf("step %d: node order differs from the reference", step)
+		}
+		for k := 0; k < 8; k++ {
+			j := r.Intn(len(ref))
+			if got := g.nodeIndex(ref[j]); got != j {
+				t.Fatalf("step %d: node %s at %d, index says %d", step, ref[j].GetName(), j, got)
+			}
+		}
+		if step%500 == 499 {
+			checkAll(step)
+		}
+	}
+	if len(removed) < 500 || added < 2000 {
+		t.Fatalf("the walk made too few edits to mean much: %d removals, %d inserts", len(removed), added)
+	}
+	// Toposort keeps a sorted graph as it is, and positions stay right.
+	if err := g.Toposort(); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(gp.Node, ref) {
+		t.Fatal("Toposort reordered a sorted graph")
+	}
+	checkAll(-1)
+
+	// The shift log answered every lookup: none fell back to a rescan.
+	if g.rescans != 0 {
+		t.Errorf("%d lookups fell back to renumbering the nodes", g.rescans)
+	}
+
+	// Nodes appended to Proto.Node behind the index's back are still found.
+	direct := node("direct", "Relu", []string{"x"}, []string{"direct_out"})
+	gp.Node = append(gp.Node, direct)
+	if got := g.nodeIndex(direct); got != len(gp.Node)-1 || g.rescans != 1 {
+		t.Fatalf("directly appended node at %d after %d rescans, want %d after 1", got, g.rescans, len(gp.Node)-1)
+	}
+}

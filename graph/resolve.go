@@ -97,7 +97,7 @@ func (g *Graph) producerInScope(name string) (*onnxpb.NodeProto, *Graph) {
 		if n, ok := s.producer[name]; ok {
 			return n, s
 		}
-		if s.definesLocally(name) {
+		if s.DefinesLocally(name) {
 			return nil, nil
 		}
 	}
@@ -145,7 +145,7 @@ func ownsGraphWith(s *Graph, c, target *onnxpb.NodeProto) bool {
 			continue
 		}
 		sg.Walk(func(inner *Graph) {
-			if inner.nodeIndex(target) >= 0 {
+			if inner.hasNode(target) {
 				found = true
 			}
 		})
