@@ -256,6 +256,198 @@ class MLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+LL_VOCAB, LL_HIDDEN, LL_HEADS, LL_LAYERS, LL_FFN, LL_THETA, LL_EPS = 64, 32, 4, 2, 64, 10000.0, 1e-6
+
+
+class LlamaRMSNorm(nn.Module):
+    """RMSNorm written out (pow/mean/rsqrt/mul) so it exports as elementary ops."""
+
+    def __init__(self, hidden, eps=LL_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads, self.head_dim = LL_HEADS, LL_HIDDEN // LL_HEADS
+        self.q_proj = nn.Linear(LL_HIDDEN, LL_HIDDEN, bias=False)
+        self.k_proj = nn.Linear(LL_HIDDEN, LL_HIDDEN, bias=False)
+        self.v_proj = nn.Linear(LL_HIDDEN, LL_HIDDEN, bias=False)
+        self.o_proj = nn.Linear(LL_HIDDEN, LL_HIDDEN, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, h = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask
+        probs = torch.softmax(scores, dim=-1)
+        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, h)
+        return self.o_proj(ctx)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(LL_HIDDEN)
+        self.self_attn = LlamaAttention()
+        self.post_attention_layernorm = LlamaRMSNorm(LL_HIDDEN)
+        self.mlp = GPTMLP(LL_HIDDEN, LL_FFN)  # gate/up/down, SiLU, no biases
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(LL_VOCAB, LL_HIDDEN)
+        self.layers = nn.ModuleList([LlamaLayer() for _ in range(LL_LAYERS)])
+        self.norm = nn.LayerNorm(LL_HIDDEN)  # final norm: LayerNormalization at opset 17
+        hd = LL_HIDDEN // LL_HEADS
+        inv_freq = 1.0 / (LL_THETA ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        x = self.embed_tokens(input_ids)
+        # rotary tables from position_ids: [b, 1, t, head_dim]
+        freqs = position_ids[:, :, None].to(x.dtype) * self.inv_freq.to(x.dtype)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        # additive mask [b, 1, t, t]: 0 where the key is at or before the query and not padding
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        causal = pos.unsqueeze(0) <= pos.unsqueeze(1)
+        allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
+        mask = (~allowed).to(x.dtype) * -1.0e4
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+class TinyLlama(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = LlamaModel()
+        self.lm_head = nn.Linear(LL_HIDDEN, LL_VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids))
+
+
+G2_VOCAB, G2_HIDDEN, G2_HEADS, G2_LAYERS, G2_FFN, G2_MAXPOS = 64, 32, 4, 2, 64, 32
+
+
+class GPT2Attention(nn.Module):
+    """GPT-2-style attention with separate q/k/v (all Linear layers have biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads, self.head_dim = G2_HEADS, G2_HIDDEN // G2_HEADS
+        self.q_proj = nn.Linear(G2_HIDDEN, G2_HIDDEN)
+        self.k_proj = nn.Linear(G2_HIDDEN, G2_HIDDEN)
+        self.v_proj = nn.Linear(G2_HIDDEN, G2_HIDDEN)
+        self.c_proj = nn.Linear(G2_HIDDEN, G2_HIDDEN)
+
+    def forward(self, x):
+        b, t, h = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        pos = torch.arange(t, device=x.device)
+        causal = pos.unsqueeze(0) <= pos.unsqueeze(1)
+        scores = scores.masked_fill(~causal, -1.0e4)
+        probs = torch.softmax(scores, dim=-1)
+        return self.c_proj(torch.matmul(probs, v).transpose(1, 2).reshape(b, t, h))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = nn.Linear(G2_HIDDEN, G2_FFN)
+        self.act = nn.GELU()  # exact (erf) GELU
+        self.c_proj = nn.Linear(G2_FFN, G2_HIDDEN)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(G2_HIDDEN)
+        self.attn = GPT2Attention()
+        self.ln_2 = nn.LayerNorm(G2_HIDDEN)
+        self.mlp = GPT2MLP()
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(G2_VOCAB, G2_HIDDEN)
+        self.wpe = nn.Embedding(G2_MAXPOS, G2_HIDDEN)
+        self.h = nn.ModuleList([GPT2Block() for _ in range(G2_LAYERS)])
+        self.ln_f = nn.LayerNorm(G2_HIDDEN)
+
+    def forward(self, input_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
+class TinyGPT2(nn.Module):
+    """GPT-2-like decoder (HF GPT-2 module names, q/k/v unfused); exported at opset 14."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = GPT2Model()
+        self.lm_head = nn.Linear(G2_HIDDEN, G2_VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        return self.lm_head(self.transformer(input_ids))
+
+
+class MLPClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def randomize_norms(module, g):
+    """Give norm weights/biases distinct random values so torch.onnx does not deduplicate them."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("layernorm.weight") or name.split(".")[-2] in ("norm", "ln_1", "ln_2", "ln_f"):
+                if name.endswith("weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
 # --------------------------------------------------------------------------
 # float64 numpy reference evaluator (onnx 1.12 has no onnx.reference)
 # --------------------------------------------------------------------------
@@ -375,6 +567,20 @@ def reference_run(model_path, feeds):
             y = np.sqrt(x[0])
         elif op == "Erf":
             y = np.vectorize(math.erf)(x[0]) if x[0].size else x[0]
+        elif op == "Neg":
+            y = -x[0]
+        elif op == "Reciprocal":
+            y = 1.0 / x[0]
+        elif op == "Cos":
+            y = np.cos(x[0])
+        elif op == "Sin":
+            y = np.sin(x[0])
+        elif op == "And":
+            y = np.logical_and(x[0], x[1])
+        elif op in ("ReduceMean", "ReduceSum"):
+            axes = a.get("axes") if op == "ReduceMean" or len(x) < 2 or x[1] is None else [int(v) for v in x[1]]
+            f = np.mean if op == "ReduceMean" else np.sum
+            y = f(x[0], axis=None if axes is None else tuple(axes), keepdims=bool(a.get("keepdims", 1)))
         else:
             raise NotImplementedError("reference evaluator: op %s (node %s)" % (op, node.name))
         env[node.output[0]] = np.asarray(y)
@@ -443,11 +649,11 @@ def ort_run(binding, model_path, feeds):
 # --------------------------------------------------------------------------
 
 
-def torch_export(module, args, input_names, output_names, dynamic_axes):
+def torch_export(module, args, input_names, output_names, dynamic_axes, opset=OPSET):
     module.eval()
     buf = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(module, args, buf, opset_version=OPSET, input_names=input_names,
+        torch.onnx.export(module, args, buf, opset_version=opset, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
 
@@ -512,8 +718,8 @@ class Checker:
         self.golden = {}
         self.summary = []
 
-    def check(self, relpath, feeds, expected, atol, rtol=1e-3):
-        """check_model + reference evaluator vs torch (+ ORT), and record golden data."""
+    def check(self, relpath, feeds, expected, atol, rtol=1e-3, golden=True):
+        """check_model + reference evaluator vs torch (+ ORT), and record golden data if golden."""
         path = os.path.join(HERE, relpath)
         onnx.checker.check_model(path, full_check=True)
         ref = reference_run(path, feeds)
@@ -536,6 +742,10 @@ class Checker:
                 d_ort = max(d_ort, float(np.abs(got - want).max()))
             status += ", ORT==reference (max diff %.1e)" % d_ort
         model = onnx.load(path, load_external_data=False)
+        self.summary.append((relpath, adaptable_layers(model)))
+        print("ok  %-36s %s" % (relpath, status))
+        if not golden:  # golden.json keeps the original models only; newer ones have grad/train cases
+            return
         self.golden[relpath] = {
             "inputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.reshape(-1).tolist()}
                        for k, v in feeds.items()},
@@ -543,8 +753,6 @@ class Checker:
                             "data": [float("%.6g" % x) for x in v.reshape(-1)]} for k, v in ref.items()},
             "atol": atol, "rtol": rtol,
         }
-        self.summary.append((relpath, adaptable_layers(model)))
-        print("ok  %-36s %s" % (relpath, status))
 
 
 def onnx_out_dtype(model, name):
@@ -744,6 +952,72 @@ def build_bf16(ck):
     ck.check("bf16-matmul.onnx", feeds, want, atol=1e-5)
 
 
+def llama_inputs():
+    """Batch 2, right padding on row 1 (attention_mask 0 there), position_ids 0..t-1."""
+    g = np.random.RandomState(11)
+    ids = g.randint(1, LL_VOCAB, size=(2, 6)).astype(np.int64)
+    mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=np.int64)
+    ids[mask == 0] = 0
+    pos = np.tile(np.arange(6, dtype=np.int64), (2, 1))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+
+def make_tiny_llama():
+    torch.manual_seed(SEED + 5)
+    m = TinyLlama().eval()
+    randomize_norms(m, torch.Generator().manual_seed(SEED + 50))
+    return m
+
+
+def build_tiny_llama(ck):
+    m = make_tiny_llama()
+    axes = {0: "batch", 1: "sequence"}
+    ids = torch.zeros(1, 3, dtype=torch.int64)
+    model = torch_export(m, (ids, torch.ones(1, 3, dtype=torch.int64), torch.arange(3)[None]),
+                         ["input_ids", "attention_mask", "position_ids"], ["logits"],
+                         {"input_ids": axes, "attention_mask": axes, "position_ids": axes, "logits": axes})
+    feeds = llama_inputs()
+    with torch.no_grad():
+        want = {"logits": to_np(m(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask",
+                                                                              "position_ids"))))}
+    save(model, "tiny-llama.onnx")
+    ck.check("tiny-llama.onnx", feeds, want, atol=1e-4, golden=False)
+
+
+def make_tiny_gpt2():
+    torch.manual_seed(SEED + 6)
+    m = TinyGPT2().eval()
+    randomize_norms(m, torch.Generator().manual_seed(SEED + 60))
+    return m
+
+
+def build_tiny_gpt2(ck):
+    m = make_tiny_gpt2()
+    axes = {0: "batch", 1: "sequence"}
+    model = torch_export(m, (torch.zeros(1, 3, dtype=torch.int64),), ["input_ids"], ["logits"],
+                         {"input_ids": axes, "logits": axes}, opset=14)
+    feeds = {"input_ids": np.random.RandomState(12).randint(0, G2_VOCAB, size=(2, 5)).astype(np.int64)}
+    with torch.no_grad():
+        want = {"logits": to_np(m(torch.from_numpy(feeds["input_ids"])))}
+    save(model, "tiny-gpt2-opset14.onnx")
+    ck.check("tiny-gpt2-opset14.onnx", feeds, want, atol=1e-4, golden=False)
+
+
+def make_mlp_classifier():
+    torch.manual_seed(SEED + 7)
+    return MLPClassifier().eval()
+
+
+def build_mlp_classifier(ck):
+    m = make_mlp_classifier()
+    model = torch_export(m, (torch.zeros(1, 16),), ["x"], ["logits"], {"x": {0: "batch"}, "logits": {0: "batch"}})
+    feeds = {"x": np.random.RandomState(13).randn(3, 16).astype(np.float32)}
+    with torch.no_grad():
+        want = {"logits": to_np(m(torch.from_numpy(feeds["x"])))}
+    save(model, "mlp-classifier.onnx")
+    ck.check("mlp-classifier.onnx", feeds, want, atol=1e-5, golden=False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ort-binding", default=os.environ.get("ORT_NODE_BINDING"),
@@ -756,6 +1030,9 @@ def main():
     build_mlp_gemm(ck)
     build_shared_weight(ck)
     build_bf16(ck)
+    build_tiny_llama(ck)
+    build_tiny_gpt2(ck)
+    build_mlp_classifier(ck)
     with open(os.path.join(HERE, "golden.json"), "w") as f:
         json.dump(ck.golden, f, indent=1, sort_keys=True)
         f.write("\n")
