@@ -3,6 +3,8 @@ package train
 import (
 	"fmt"
 	"math"
+
+	"github.com/onnxlora/onnxlora/ortrun"
 )
 
 // Param is one trainable tensor held in Go. Values are float64 whatever the
@@ -11,7 +13,7 @@ import (
 // DType only when fed to the session or written to the model.
 type Param struct {
 	Name  string
-	DType string // ONNX element type name: "float32", "float16", ...
+	DType ortrun.DType
 	Dims  []int64
 	Value []float64
 	// Grad holds the gradient of the current step, same length as Value.
