@@ -16,7 +16,7 @@ import (
 	"strconv"
 	"unicode/utf8"
 
-	"github.com/x448/float16"
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // DType is a safetensors element type, spelled as in the file header.
@@ -555,110 +555,72 @@ func (f *SafetensorsFile) ReadFloat64(name string) ([]float64, error) {
 }
 
 // BFloat16FromFloat32 narrows f to bfloat16 bits (the top half of a float32)
-// with round-to-nearest-even. NaN stays a quiet NaN of the same sign, so a
-// NaN whose payload lives only in the low bits does not become infinity.
-func BFloat16FromFloat32(f float32) uint16 {
-	b := math.Float32bits(f)
-	if f != f {
-		return uint16(b>>16) | 0x0040
-	}
-	return uint16((b + 0x7fff + (b>>16)&1) >> 16)
-}
+// with round-to-nearest-even (graph.BFloat16Bits). NaN stays a quiet NaN of
+// the same sign, so a NaN whose payload lives only in the low bits does not
+// become infinity.
+func BFloat16FromFloat32(f float32) uint16 { return graph.BFloat16Bits(float64(f)) }
 
 // BFloat16ToFloat32 widens bfloat16 bits to float32 exactly.
-func BFloat16ToFloat32(b uint16) float32 { return math.Float32frombits(uint32(b) << 16) }
+func BFloat16ToFloat32(b uint16) float32 { return float32(graph.BFloat16Value(b)) }
 
 func notFloat(dt DType) error {
 	return fmt.Errorf("dtype %s is not a float type (F16, BF16, F32, F64)", dt)
 }
 
-// DecodeFloat32 converts little-endian raw data of dtype dt to float32.
+// DecodeFloat32 converts little-endian raw data of dtype dt to float32 (F64
+// values are rounded to nearest even).
 func DecodeFloat32(dt DType, raw []byte) ([]float32, error) {
-	if !dt.IsFloat() {
-		return nil, notFloat(dt)
+	v, err := DecodeFloat64(dt, raw)
+	if err != nil {
+		return nil, err
 	}
-	if len(raw)%dt.Size() != 0 {
-		return nil, fmt.Errorf("%d bytes is not a whole number of %s elements", len(raw), dt)
-	}
-	out := make([]float32, len(raw)/dt.Size())
-	le := binary.LittleEndian
-	for i := range out {
-		switch dt {
-		case DTypeF16:
-			out[i] = float16.Frombits(le.Uint16(raw[2*i:])).Float32()
-		case DTypeBF16:
-			out[i] = BFloat16ToFloat32(le.Uint16(raw[2*i:]))
-		case DTypeF32:
-			out[i] = math.Float32frombits(le.Uint32(raw[4*i:]))
-		case DTypeF64:
-			out[i] = float32(math.Float64frombits(le.Uint64(raw[8*i:])))
-		}
+	out := make([]float32, len(v))
+	for i, x := range v {
+		out[i] = float32(x)
 	}
 	return out, nil
 }
 
 // DecodeFloat64 converts little-endian raw data of dtype dt to float64.
 func DecodeFloat64(dt DType, raw []byte) ([]float64, error) {
-	if dt == DTypeF64 {
-		if len(raw)%8 != 0 {
-			return nil, fmt.Errorf("%d bytes is not a whole number of %s elements", len(raw), dt)
-		}
-		out := make([]float64, len(raw)/8)
-		for i := range out {
-			out[i] = math.Float64frombits(binary.LittleEndian.Uint64(raw[8*i:]))
-		}
-		return out, nil
+	gt, ok := graphFloatType[dt]
+	if !ok {
+		return nil, notFloat(dt)
 	}
-	v, err := DecodeFloat32(dt, raw)
-	if err != nil {
-		return nil, err
+	if len(raw)%dt.Size() != 0 {
+		return nil, fmt.Errorf("%d bytes is not a whole number of %s elements", len(raw), dt)
 	}
-	out := make([]float64, len(v))
-	for i, x := range v {
-		out[i] = float64(x)
-	}
+	out := make([]float64, len(raw)/dt.Size())
+	graph.DecodeFloatsInto(gt, out, raw)
 	return out, nil
 }
 
 // EncodeFloat32 converts values to little-endian bytes of dtype dt (F16 and
 // BF16 round to nearest even).
 func EncodeFloat32(dt DType, values []float32) ([]byte, error) {
-	if !dt.IsFloat() {
+	f64 := make([]float64, len(values))
+	for i, v := range values {
+		f64[i] = float64(v)
+	}
+	return EncodeFloat64(dt, f64)
+}
+
+// EncodeFloat64 converts values to little-endian bytes of dtype dt, each
+// rounded once to nearest even from float64 (F64 is exact).
+func EncodeFloat64(dt DType, values []float64) ([]byte, error) {
+	gt, ok := graphFloatType[dt]
+	if !ok {
 		return nil, notFloat(dt)
 	}
 	out := make([]byte, len(values)*dt.Size())
-	le := binary.LittleEndian
-	for i, v := range values {
-		switch dt {
-		case DTypeF16:
-			le.PutUint16(out[2*i:], float16.Fromfloat32(v).Bits())
-		case DTypeBF16:
-			le.PutUint16(out[2*i:], BFloat16FromFloat32(v))
-		case DTypeF32:
-			le.PutUint32(out[4*i:], math.Float32bits(v))
-		case DTypeF64:
-			le.PutUint64(out[8*i:], math.Float64bits(float64(v)))
-		}
-	}
+	graph.EncodeFloatsInto(gt, out, values)
 	return out, nil
 }
 
-// EncodeFloat64 converts values to little-endian bytes of dtype dt. F64 is
-// exact; narrower types go through float32 (round to nearest even at each
-// step).
-func EncodeFloat64(dt DType, values []float64) ([]byte, error) {
-	if dt == DTypeF64 {
-		out := make([]byte, 8*len(values))
-		for i, v := range values {
-			binary.LittleEndian.PutUint64(out[8*i:], math.Float64bits(v))
-		}
-		return out, nil
-	}
-	f32 := make([]float32, len(values))
-	for i, v := range values {
-		f32[i] = float32(v)
-	}
-	return EncodeFloat32(dt, f32)
+// graphFloatType maps the float dtypes to graph's element types, whose
+// conversions these use.
+var graphFloatType = map[DType]graph.DataType{
+	DTypeF16: graph.Float16, DTypeBF16: graph.BFloat16, DTypeF32: graph.Float, DTypeF64: graph.Double,
 }
 
 // TensorData is one tensor to write: raw little-endian, row-major bytes.

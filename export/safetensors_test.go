@@ -628,3 +628,34 @@ func FuzzSafetensorsRead(f *testing.F) {
 		}
 	})
 }
+
+// EncodeFloat64 rounds once from float64: 1 + 2^-11 + 2^-40 lies just above
+// the tie between two halves (and two bfloat16s, for 1 + 2^-8 + 2^-40), so it
+// rounds up, where going through float32 first would make it the tie itself
+// and round to even (down).
+func TestEncodeFloat64RoundsOnce(t *testing.T) {
+	for _, tc := range []struct {
+		dt   DType
+		v    float64
+		want uint16
+	}{
+		{DTypeF16, 1 + 0x1p-11 + 0x1p-40, 0x3c01},
+		{DTypeF16, 1 + 0x1p-11, 0x3c00},
+		{DTypeBF16, 1 + 0x1p-8 + 0x1p-40, 0x3f81},
+		{DTypeBF16, 1 + 0x1p-8, 0x3f80},
+	} {
+		b, err := EncodeFloat64(tc.dt, []float64{tc.v})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := binary.LittleEndian.Uint16(b); got != tc.want {
+			t.Errorf("EncodeFloat64(%s, %v) = %#04x, want %#04x", tc.dt, tc.v, got, tc.want)
+		}
+	}
+	if _, err := EncodeFloat64(DTypeI32, []float64{1}); err == nil {
+		t.Error("EncodeFloat64 to I32 succeeded")
+	}
+	if _, err := DecodeFloat64(DTypeF16, []byte{1, 2, 3}); err == nil {
+		t.Error("DecodeFloat64 of 3 bytes of F16 succeeded")
+	}
+}

@@ -3,6 +3,8 @@ package graph
 import (
 	"math"
 	"math/rand"
+	rand2 "math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/x448/float16"
@@ -29,6 +31,9 @@ func TestFloat16AllValues(t *testing.T) {
 		// x448/float16 decodes independently; float32 holds every half exactly.
 		if want := float16.Frombits(h).Float32(); !(float32(v) == want || (math.IsNaN(v) && want != want)) {
 			t.Fatalf("Float16Value(%#04x) = %v, x448 says %v", h, v, want)
+		}
+		if want := refFloat16Value(h); !(v == want || (math.IsNaN(v) && math.IsNaN(want))) {
+			t.Fatalf("Float16Value(%#04x) = %v, the formula gives %v", h, v, want)
 		}
 		if math.Signbit(v) != (h&0x8000 != 0) && !math.IsNaN(v) {
 			t.Fatalf("Float16Value(%#04x) = %v has the wrong sign", h, v)
@@ -187,6 +192,9 @@ func TestBFloat16AllValues(t *testing.T) {
 		if want := math.Float32frombits(uint32(b) << 16); !(float32(v) == want || (math.IsNaN(v) && want != want)) {
 			t.Fatalf("BFloat16Value(%#04x) = %v, want %v", b, v, want)
 		}
+		if want := refBFloat16Value(b); !(v == want || (math.IsNaN(v) && math.IsNaN(want))) {
+			t.Fatalf("BFloat16Value(%#04x) = %v, the formula gives %v", b, v, want)
+		}
 		got := BFloat16Bits(v)
 		if isBF16NaN(b) {
 			if !isBF16NaN(got) {
@@ -281,4 +289,196 @@ func TestBFloat16MatchesFloat32RNE(t *testing.T) {
 			t.Fatalf("BFloat16Bits(%v [%#08x]) = %#04x, want %#04x", f, u, got, want)
 		}
 	}
+}
+
+// The references below are written from the formats' definitions with
+// math.Frexp and math.Ldexp (sign · significand · 2^exponent, rounding the
+// significand with math.RoundToEven), independently of the bit manipulation
+// in float.go.
+
+func refFloat16Value(h uint16) float64 {
+	return refNarrowValue(uint64(h), 10, 15)
+}
+
+func refBFloat16Value(b uint16) float64 {
+	return refNarrowValue(uint64(b), 7, 127)
+}
+
+func refNarrowValue(x uint64, mbits, bias int) float64 {
+	sign := 1.0
+	if x>>(15) != 0 {
+		sign = -1
+	}
+	exp := int(x>>mbits) & (1<<(15-mbits) - 1)
+	mant := float64(x & (1<<mbits - 1))
+	switch exp {
+	case 0:
+		return sign * math.Ldexp(mant, 1-bias-mbits)
+	case 1<<(15-mbits) - 1:
+		if mant != 0 {
+			return math.NaN()
+		}
+		return math.Inf(int(sign))
+	}
+	return sign * math.Ldexp(float64(uint64(1)<<mbits)+mant, exp-bias-mbits)
+}
+
+func refFloat16Bits(f float64) uint16 { return refNarrowBits(f, 10, 15, 0x7e00) }
+
+func refBFloat16Bits(f float64) uint16 { return refNarrowBits(f, 7, 127, 0x7fc0) }
+
+func refNarrowBits(f float64, mbits, bias int, nan uint16) uint16 {
+	sign := uint16(math.Float64bits(f)>>48) & 0x8000
+	inf := uint16(2*bias+1) << mbits
+	a := math.Abs(f)
+	one := math.Ldexp(1, mbits)
+	switch {
+	case math.IsNaN(f):
+		return sign | nan
+	case math.IsInf(f, 0):
+		return sign | inf
+	case a < math.Ldexp(1, 1-bias): // subnormal: m · 2^(1-bias-mbits)
+		return sign | uint16(math.RoundToEven(math.Ldexp(a, bias-1+mbits)))
+	}
+	frac, exp := math.Frexp(a) // a = frac · 2^exp, frac in [0.5, 1)
+	e := exp - 1
+	m := math.RoundToEven(frac * 2 * one) // mbits+1 significant bits
+	if m == 2*one {
+		m = one
+		e++
+	}
+	if e > bias {
+		return sign | inf
+	}
+	return sign | uint16(e+bias)<<mbits | uint16(m-one)
+}
+
+// TestNarrowingMatchesReference checks Float16Bits and BFloat16Bits against
+// the references on every 16-bit value, the ties halfway between
+// neighbours and the doubles just beside them, hand-picked edge cases and
+// millions of random doubles over the whole float64 range.
+func TestNarrowingMatchesReference(t *testing.T) {
+	check := func(f float64) {
+		if got, want := Float16Bits(f), refFloat16Bits(f); got != want {
+			t.Fatalf("Float16Bits(%v = %#x) = %#04x, the reference gives %#04x", f, math.Float64bits(f), got, want)
+		}
+		if got, want := BFloat16Bits(f), refBFloat16Bits(f); got != want {
+			t.Fatalf("BFloat16Bits(%v = %#x) = %#04x, the reference gives %#04x", f, math.Float64bits(f), got, want)
+		}
+	}
+	for _, f := range []float64{0, 1, 65504, 65519.99, 65520, 65536, 1e300, math.Inf(1), math.NaN(),
+		0x1p-14, 0x1p-24, 0x1p-25, 0x1.8p-25, 0x1p-26, 5e-324, 0x1p-126, 0x1p-133, 0x1p-134, 0x1.8p-134,
+		0x1p-1022, math.MaxFloat64, math.MaxFloat32, 3.40282357e38, 3.4028236e38} {
+		check(f)
+		check(-f)
+	}
+	for h := 0; h < 1<<16; h++ {
+		for _, dec := range []func(uint16) float64{refFloat16Value, refBFloat16Value} {
+			v := dec(uint16(h))
+			if math.IsNaN(v) || math.IsInf(v, 0) {
+				continue
+			}
+			check(v)
+			if next := dec(uint16(h + 1)); !math.IsNaN(next) && h&0x7fff != 0x7fff {
+				mid := (v + next) / 2
+				check(mid)
+				check(math.Nextafter(mid, math.Inf(1)))
+				check(math.Nextafter(mid, math.Inf(-1)))
+			}
+		}
+	}
+	n := 2_000_000
+	if testing.Short() {
+		n = 200_000
+	}
+	rng := rand2.New(rand2.NewPCG(1, 2))
+	for i := 0; i < n; i++ {
+		f := math.Ldexp(rng.Float64()+0.5, rng.IntN(320)-170)
+		if rng.IntN(2) == 0 {
+			f = -f
+		}
+		check(f)
+		check(math.Float64frombits(rng.Uint64()))
+	}
+}
+
+func TestFloatsIntoMatchesElementwise(t *testing.T) {
+	rng := rand2.New(rand2.NewPCG(5, 6))
+	vals := make([]float64, 1000)
+	for i := range vals {
+		vals[i] = math.Ldexp(rng.NormFloat64(), rng.IntN(60)-30)
+	}
+	vals = append(vals, 0, math.Copysign(0, -1), math.Inf(1), math.Inf(-1), 1e-30, 1e30)
+	for _, dt := range []DataType{Float, Float16, BFloat16, Double} {
+		w := dt.BitSize() / 8
+		raw := make([]byte, w*len(vals))
+		EncodeFloatsInto(dt, raw, vals)
+		back := make([]float64, len(vals))
+		DecodeFloatsInto(dt, back, raw)
+		for i, v := range vals {
+			var want float64
+			switch dt {
+			case Float:
+				want = float64(float32(v))
+			case Float16:
+				want = refFloat16Value(refFloat16Bits(v))
+			case BFloat16:
+				want = refBFloat16Value(refBFloat16Bits(v))
+			case Double:
+				want = v
+			}
+			if back[i] != want || math.Signbit(back[i]) != math.Signbit(want) {
+				t.Fatalf("%v: element %d: %v encodes and decodes to %v, want %v", dt, i, v, back[i], want)
+			}
+		}
+		if enc, _ := EncodeFloats(dt, vals); !slices.Equal(enc, raw) {
+			t.Fatalf("%v: EncodeFloats differs from EncodeFloatsInto", dt)
+		}
+	}
+}
+
+// The benchmarks compare this package's conversions with x448/float16's
+// (which converts from and to float32 only), on the same float32 inputs.
+
+var benchSink uint16
+var benchSinkF float32
+
+func benchInputs() []float32 {
+	in := make([]float32, 4096)
+	r := rand.New(rand.NewSource(1))
+	for i := range in {
+		in[i] = float32(r.NormFloat64() * 0.02)
+	}
+	return in
+}
+
+func BenchmarkFloat16Bits(b *testing.B) {
+	in := benchInputs()
+	b.Run("graph", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			benchSink += Float16Bits(float64(in[i&4095]))
+		}
+	})
+	b.Run("x448", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			benchSink += float16.Fromfloat32(in[i&4095]).Bits()
+		}
+	})
+}
+
+func BenchmarkFloat16Value(b *testing.B) {
+	hs := make([]uint16, 4096)
+	for i, f := range benchInputs() {
+		hs[i] = Float16Bits(float64(f))
+	}
+	b.Run("graph", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			benchSinkF += float32(Float16Value(hs[i&4095]))
+		}
+	})
+	b.Run("x448", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			benchSinkF += float16.Frombits(hs[i&4095]).Float32()
+		}
+	})
 }

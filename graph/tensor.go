@@ -146,21 +146,8 @@ func (m *Model) Float32s(t *onnxpb.TensorProto) ([]float32, error) {
 // The caller guarantees dt.IsFloat() and a length that is a multiple of the
 // element size.
 func DecodeFloats(dt DataType, raw []byte) []float64 {
-	w := dt.BitSize() / 8
-	out := make([]float64, len(raw)/w)
-	for i := range out {
-		b := raw[i*w:]
-		switch dt {
-		case Float:
-			out[i] = float64(math.Float32frombits(binary.LittleEndian.Uint32(b)))
-		case Double:
-			out[i] = math.Float64frombits(binary.LittleEndian.Uint64(b))
-		case Float16:
-			out[i] = Float16Value(binary.LittleEndian.Uint16(b))
-		case BFloat16:
-			out[i] = BFloat16Value(binary.LittleEndian.Uint16(b))
-		}
-	}
+	out := make([]float64, len(raw)/(dt.BitSize()/8))
+	DecodeFloatsInto(dt, out, raw)
 	return out
 }
 
@@ -170,21 +157,8 @@ func EncodeFloats(dt DataType, vals []float64) ([]byte, error) {
 	if !dt.IsFloat() {
 		return nil, fmt.Errorf("%v is not a floating-point type", dt)
 	}
-	w := dt.BitSize() / 8
-	buf := make([]byte, len(vals)*w)
-	for i, v := range vals {
-		b := buf[i*w:]
-		switch dt {
-		case Float:
-			binary.LittleEndian.PutUint32(b, math.Float32bits(float32(v)))
-		case Double:
-			binary.LittleEndian.PutUint64(b, math.Float64bits(v))
-		case Float16:
-			binary.LittleEndian.PutUint16(b, Float16Bits(v))
-		case BFloat16:
-			binary.LittleEndian.PutUint16(b, BFloat16Bits(v))
-		}
-	}
+	buf := make([]byte, len(vals)*(dt.BitSize()/8))
+	EncodeFloatsInto(dt, buf, vals)
 	return buf, nil
 }
 
