@@ -1,0 +1,354 @@
+package rewrite
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/graph/onnxpb"
+)
+
+// Streaming save: MergeFile for models with external data.
+
+// save carries out the plan and writes the model to path: streaming when
+// the output has external data, in memory otherwise.
+func (p *plan) save(path string, opts graph.SaveOptions) (*MergeReport, error) {
+	external := opts.External == graph.ExternalAlways || (opts.External == graph.ExternalAuto && hasExternal(p.m))
+	if !external {
+		rep, err := p.applyInMemory()
+		if err != nil {
+			return nil, err
+		}
+		if err := p.m.Save(path, opts); err != nil {
+			return nil, err
+		}
+		return rep, nil
+	}
+	return p.stream(path, opts)
+}
+
+func hasExternal(m *graph.Model) bool {
+	found := false
+	m.Tensors(func(t *onnxpb.TensorProto) { found = found || graph.IsExternal(t) })
+	return found
+}
+
+// streamJob is one tensor's bytes in the output data file.
+type streamJob struct {
+	t      *onnxpb.TensorProto
+	offset int64
+	size   int64
+	ext    *graph.ExternalRef // copy these bytes from an input data file
+	raw    []byte             // or write these
+	upd    *update            // or compute the merge
+}
+
+// streamSource is where an update reads its base values from.
+type streamSource struct {
+	ext *graph.ExternalRef
+	raw []byte
+}
+
+// stream is graph.Model.Save with external data, except that merged
+// weights are computed chunk by chunk straight into the data file, and
+// tensors that do not change are copied from the input's data files
+// without being decoded. The layout is Save's: every tensor that was
+// external or has at least Threshold bytes goes to one data file, each at
+// an offset aligned to Align.
+func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, err error) {
+	opts, dataPath, err := opts.WithDefaults(path)
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Dir(path)
+
+	// Where everything is read from, captured before the graph changes.
+	refs := map[*onnxpb.TensorProto]*graph.ExternalRef{}
+	var rerr error
+	p.m.Tensors(func(t *onnxpb.TensorProto) {
+		if rerr != nil || !graph.IsExternal(t) {
+			return
+		}
+		ref, err := p.m.ExternalRef(t)
+		if err != nil {
+			rerr = err
+			return
+		}
+		refs[t] = &ref
+	})
+	if rerr != nil {
+		return nil, rerr
+	}
+	if err := p.m.CheckOutputs(path, dataPath); err != nil {
+		return nil, err
+	}
+	sources := map[*update]streamSource{}
+	for _, u := range p.updates {
+		if ref := refs[u.src]; ref != nil {
+			sources[u] = streamSource{ext: ref}
+			continue
+		}
+		raw, err := p.m.RawData(u.src)
+		if err != nil {
+			return nil, err
+		}
+		sources[u] = streamSource{raw: raw}
+	}
+
+	if err := p.commitGraph(); err != nil {
+		return nil, err
+	}
+	byDst := map[*onnxpb.TensorProto]*update{}
+	for _, u := range p.updates {
+		byDst[u.dst] = u
+	}
+
+	// Lay the data file out in model order, as Save does.
+	var jobs []*streamJob
+	var small []*update // merged weights that stay inline
+	var offset int64
+	p.m.Tensors(func(t *onnxpb.TensorProto) {
+		if rerr != nil {
+			return
+		}
+		dt := graph.DataType(t.GetDataType())
+		if dt.BitSize() == 0 || t.Segment != nil {
+			return
+		}
+		size, err := graph.ByteSize(dt, t.Dims)
+		if err != nil {
+			rerr = fmt.Errorf("tensor %q: %w", t.GetName(), err)
+			return
+		}
+		u := byDst[t]
+		ext := refs[t]
+		if u != nil {
+			ext = sources[u].ext
+		}
+		if ext == nil && size < opts.Threshold {
+			if u != nil {
+				small = append(small, u)
+			}
+			return
+		}
+		offset = (offset + opts.Align - 1) / opts.Align * opts.Align
+		j := &streamJob{t: t, offset: offset, size: size, upd: u}
+		switch {
+		case u != nil:
+		case refs[t] != nil:
+			j.ext = refs[t]
+		default:
+			if j.raw, err = p.m.RawData(t); err != nil {
+				rerr = err
+				return
+			}
+		}
+		jobs = append(jobs, j)
+		offset += size
+	})
+	if rerr != nil {
+		return nil, rerr
+	}
+
+	// Small merged weights are computed in memory.
+	for _, u := range small {
+		src := sources[u].raw
+		if u.srcT {
+			src = transposeRaw(src, graph.DataType(u.src.GetDataType()).BitSize()/8, u.cols, u.rows)
+		}
+		u.out = make([]byte, u.rows*u.cols*elemSize(u.dst))
+		u.stats = mergeRows(u.out, src, u, 0, u.rows, make([]float64, 2*u.cols))
+	}
+
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(dataPath)+".tmp*")
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	defer func() {
+		tmp.Close()
+		if err != nil {
+			os.Remove(tmp.Name())
+		}
+	}()
+	files := &fileSet{files: map[string]*os.File{}}
+	defer files.close()
+	// The biggest tensors go first, so the workers finish together.
+	order := make([]int, len(jobs))
+	for i := range order {
+		order[i] = i
+	}
+	sort.SliceStable(order, func(a, b int) bool { return jobs[order[a]].size > jobs[order[b]].size })
+	err = parallel(len(jobs), func(i int) error {
+		j := jobs[order[i]]
+		if err := p.runJob(j, tmp, files, sources); err != nil {
+			return fmt.Errorf("%s: tensor %q: %w", path, j.t.GetName(), err)
+		}
+		if u := j.upd; u != nil && p.opts.Safe && u.stats.nonFinite > 0 {
+			return fmt.Errorf("safe merge: merging would write %d NaN or infinite values in %s (%s); nothing was written", u.stats.nonFinite, u.rep.Weight, u.rep.Module)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err = p.checkSafe(); err != nil {
+		return nil, err
+	}
+	for _, u := range small {
+		if err = graph.SetRawData(u.dst, u.out); err != nil {
+			return nil, err
+		}
+	}
+	for _, j := range jobs {
+		graph.SetExternal(j.t, opts.DataFile, j.offset, j.size)
+	}
+	if err = tmp.Sync(); err != nil {
+		return nil, fmt.Errorf("%s: %w", dataPath, err)
+	}
+	if size := proto.Size(p.m.Proto); size > math.MaxInt32 {
+		return nil, fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, size)
+	}
+	data, err := proto.Marshal(p.m.Proto)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if err = tmp.Close(); err != nil {
+		return nil, fmt.Errorf("%s: %w", dataPath, err)
+	}
+	if len(jobs) > 0 {
+		if err = os.Rename(tmp.Name(), dataPath); err != nil {
+			return nil, fmt.Errorf("%s: %w", dataPath, err)
+		}
+	} else {
+		os.Remove(tmp.Name())
+	}
+	err = graph.WriteFileAtomic(path, func(w io.Writer) error {
+		_, err := w.Write(data)
+		return err
+	})
+	if err != nil {
+		if len(jobs) > 0 {
+			os.Remove(dataPath)
+		}
+		return nil, err
+	}
+	return p.finish(), nil
+}
+
+// streamChunk is how many bytes of a weight a worker handles at a time.
+const streamChunk = 4 << 20
+
+// runJob writes one tensor's bytes into the data file.
+func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*update]streamSource) error {
+	switch {
+	case j.raw != nil:
+		_, err := out.WriteAt(j.raw, j.offset)
+		return err
+	case j.ext != nil:
+		return files.copyRange(out, j.offset, j.ext)
+	}
+	u := j.upd
+	src := sources[u]
+	sw := graph.DataType(u.src.GetDataType()).BitSize() / 8
+	dw := elemSize(u.dst)
+	srcRow, dstRow := int64(u.cols*sw), int64(u.cols*dw)
+	whole := src.raw
+	if u.srcT {
+		// A copy in the node's orientation reads the source by columns:
+		// rare (a shared Transpose), so it is simply read whole.
+		if whole == nil {
+			buf := make([]byte, src.ext.Length)
+			if err := files.readAt(src.ext, buf, 0); err != nil {
+				return err
+			}
+			whole = buf
+		}
+		whole = transposeRaw(whole, sw, u.cols, u.rows)
+	}
+	rows := int(streamChunk / max(srcRow, dstRow))
+	if rows < 1 {
+		rows = 1
+	}
+	scratch := make([]float64, 2*u.cols)
+	dbuf := make([]byte, int64(rows)*dstRow)
+	var sbuf []byte
+	if whole == nil {
+		sbuf = make([]byte, int64(rows)*srcRow)
+	}
+	for p0 := 0; p0 < u.rows; p0 += rows {
+		n := min(rows, u.rows-p0)
+		var s []byte
+		if whole != nil {
+			s = whole[int64(p0)*srcRow : int64(p0+n)*srcRow]
+		} else {
+			s = sbuf[:int64(n)*srcRow]
+			if err := files.readAt(src.ext, s, int64(p0)*srcRow); err != nil {
+				return err
+			}
+		}
+		d := dbuf[:int64(n)*dstRow]
+		u.stats.add(mergeRows(d, s, u, p0, n, scratch))
+		if _, err := out.WriteAt(d, j.offset+int64(p0)*dstRow); err != nil {
+			return err
+		}
+		if p.opts.Safe && u.stats.nonFinite > 0 {
+			return nil // reported by the caller
+		}
+	}
+	return nil
+}
+
+// fileSet keeps the input data files open for concurrent reads.
+type fileSet struct {
+	mu    sync.Mutex
+	files map[string]*os.File
+}
+
+func (fs *fileSet) open(path string) (*os.File, error) {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if f, ok := fs.files[path]; ok {
+		return f, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	fs.files[path] = f
+	return f, nil
+}
+
+func (fs *fileSet) close() {
+	for _, f := range fs.files {
+		f.Close()
+	}
+}
+
+// readAt fills buf from a tensor's external bytes, starting off bytes in.
+func (fs *fileSet) readAt(ref *graph.ExternalRef, buf []byte, off int64) error {
+	if off+int64(len(buf)) > ref.Length {
+		return fmt.Errorf("reading past the end of the tensor's %d bytes in %s", ref.Length, ref.Location)
+	}
+	f, err := fs.open(ref.Path)
+	if err != nil {
+		return err
+	}
+	_, err = f.ReadAt(buf, ref.Offset+off)
+	return err
+}
+
+// copyRange copies a tensor's external bytes to out at offset, file to file.
+func (fs *fileSet) copyRange(out *os.File, offset int64, ref *graph.ExternalRef) error {
+	f, err := fs.open(ref.Path)
+	if err != nil {
+		return err
+	}
+	return graph.CopyRange(out, offset, f, ref.Offset, ref.Length)
+}
