@@ -487,11 +487,18 @@ def _slice(x, starts, ends, axes=None, steps=None):
     return x[tuple(sl)]
 
 
-def reference_run(model_path, feeds):
-    """Evaluate an ONNX model in float64 numpy. All float types are computed as float64."""
-    model = onnx.load(model_path)  # loads external data relative to the file
+def reference_run(model_path, feeds, overrides=None, lora=None, model=None):
+    """Evaluate an ONNX model in float64 numpy. All float types are computed as float64.
+
+    overrides replaces initializer values by name. lora maps a MatMul/Gemm node name to (A [in, r],
+    B [r, out], scaling) and adds scaling * (x @ A) @ B to that node's output, as a LoRA branch would.
+    """
+    model = model or onnx.load(model_path)  # loads external data relative to the file
     base_dir = os.path.dirname(model_path)
     env = {t.name: _tensor(t, base_dir) for t in model.graph.initializer}
+    for name, arr in (overrides or {}).items():
+        assert name in env, "no initializer " + name
+        env[name] = np.asarray(arr, dtype=np.float64)
     for name, arr in feeds.items():
         env[name] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
     for node in model.graph.node:
@@ -583,6 +590,10 @@ def reference_run(model_path, feeds):
             y = f(x[0], axis=None if axes is None else tuple(axes), keepdims=bool(a.get("keepdims", 1)))
         else:
             raise NotImplementedError("reference evaluator: op %s (node %s)" % (op, node.name))
+        if lora and node.name in lora:
+            la, lb, ls = lora[node.name]
+            xin = x[0].T if op == "Gemm" and a.get("transA", 0) else x[0]
+            y = y + ls * ((xin @ la) @ lb)
         env[node.output[0]] = np.asarray(y)
     return {o.name: env[o.name] for o in model.graph.output}
 
@@ -1018,6 +1029,318 @@ def build_mlp_classifier(ck):
     ck.check("mlp-classifier.onnx", feeds, want, atol=1e-5, golden=False)
 
 
+# --------------------------------------------------------------------------
+# gradient and training reference cases (testdata/grad, testdata/train)
+# --------------------------------------------------------------------------
+
+TESTDATA = os.path.dirname(HERE)
+
+
+def make_tiny_gpt():
+    torch.manual_seed(SEED)
+    return TinyGPT().eval()
+
+
+def make_mlp_gemm():
+    torch.manual_seed(SEED + 2)
+    return MLP().eval()
+
+
+# model file -> torch factory, graph inputs in forward order, output name
+REF_MODELS = {
+    "tiny-llama.onnx": (make_tiny_llama, ["input_ids", "attention_mask", "position_ids"], "logits"),
+    "tiny-gpt2-opset14.onnx": (make_tiny_gpt2, ["input_ids"], "logits"),
+    "tiny-gpt.onnx": (make_tiny_gpt, ["input_ids"], "logits"),
+    "mlp-classifier.onnx": (make_mlp_classifier, ["x"], "logits"),
+    "mlp-gemm-transb.onnx": (make_mlp_gemm, ["input"], "output"),
+}
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * ((x @ A) @ B) with A [in, r], B [r, out] (onnxlora's layout)."""
+
+    def __init__(self, base, a, b, scaling):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.from_numpy(a.astype(np.float64)))
+        self.lora_B = nn.Parameter(torch.from_numpy(b.astype(np.float64)))
+        self.scaling = scaling
+
+    def forward(self, x):
+        return self.base(x) + torch.matmul(torch.matmul(x, self.lora_A), self.lora_B) * self.scaling
+
+
+def module_path_of_node(name):
+    """Module path of a torch.onnx scoped node name ("/model/layers.0/self_attn/q_proj/MatMul")."""
+    segs = [x for x in name.split("/") if x]
+    assert segs and segs[-1] in ("MatMul", "Gemm"), name
+    return ".".join(segs[:-1])
+
+
+def target_matches(path, targets):
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def onnx_modules(model_file):
+    """{module path: (node name, in, out)} of the adaptable MatMul/Gemm layers of a testdata model."""
+    model = onnx.load(os.path.join(HERE, model_file))
+    out = {}
+    for r in adaptable_layers(model):
+        shape = r["shape"]
+        io_ = (shape[1], shape[0]) if r["op"].endswith("(transB=1)") else (shape[0], shape[1])
+        out[module_path_of_node(r["node"])] = (r["node"],) + io_
+    return out
+
+
+def f32_list(a):
+    """float32 values as the shortest decimals that round-trip through float64 to the same float32."""
+    a = np.asarray(a, dtype=np.float32).reshape(-1)
+    vals = [float(str(v)) for v in a]
+    assert np.array_equal(np.array(vals, dtype=np.float32), a)
+    return vals
+
+
+def tensor_json(a, dtype):
+    a = np.asarray(a)
+    if dtype == "float32":
+        data = f32_list(a)
+    elif dtype == "float64":
+        data = [float(v) for v in a.reshape(-1)]  # json writes repr: round-trips the float64 exactly
+    else:
+        data = [int(v) for v in a.reshape(-1)]
+    return {"dtype": dtype, "shape": list(a.shape), "data": data}
+
+
+def expected_json(a):
+    t = tensor_json(np.asarray(a, dtype=np.float64), "float64")
+    return {"shape": t["shape"], "data": t["data"]}
+
+
+def dump_case(path, obj):
+    """JSON with one line per tensor: readable, diffable, small."""
+    flat = {}
+
+    def walk(o):
+        if isinstance(o, dict):
+            if "data" in o and isinstance(o["data"], list):
+                key = "@@T%d@@" % len(flat)
+                flat[key] = json.dumps(o, separators=(", ", ": "))
+                return key
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list) and o and isinstance(o[0], dict):
+            key = "@@T%d@@" % len(flat)
+            flat[key] = json.dumps(o, separators=(", ", ": "))
+            return key
+        return o
+
+    text = json.dumps(walk(obj), indent=1)
+    for k, v in flat.items():
+        text = text.replace('"%s"' % k, v)
+    assert json.loads(text) == json.loads(json.dumps(obj))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
+def lora_model(model_file, targets, rank, alpha, values):
+    """The torch model of model_file in float64 with LoRA on every targeted nn.Linear.
+
+    values maps "<module>.lora_A.weight"/"<module>.lora_B.weight" to float32 arrays. Returns the model
+    and {param name: torch parameter} for the LoRA tensors and every named torch parameter.
+    """
+    make, _, _ = REF_MODELS[model_file]
+    m = make()
+    onnx_mods = onnx_modules(model_file)
+    torch_lin = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+    assert set(onnx_mods) == torch_lin, (model_file, set(onnx_mods) ^ torch_lin)
+    chosen = sorted((p for p in onnx_mods if target_matches(p, targets)), key=list(onnx_mods).index) if targets else []
+    assert not targets or chosen, targets
+    params = {}
+    for path in chosen:
+        parent_name, _, leaf = path.rpartition(".")
+        parent = m.get_submodule(parent_name) if parent_name else m
+        lin = getattr(parent, leaf)
+        a, b = values[path + ".lora_A.weight"], values[path + ".lora_B.weight"]
+        assert a.shape == (lin.in_features, rank) and b.shape == (rank, lin.out_features), path
+        wrapped = LoRALinear(lin, a, b, alpha / rank)
+        setattr(parent, leaf, wrapped)
+        params[path + ".lora_A.weight"] = wrapped.lora_A
+        params[path + ".lora_B.weight"] = wrapped.lora_B
+    m = m.double()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for name, p in m.named_parameters():
+        if not name.endswith(("lora_A", "lora_B")):
+            params[name.replace(".base.", ".")] = p  # a wrapped layer's own weight/bias keep their names
+    return m, params, chosen, onnx_mods
+
+
+def lora_init_values(model_file, chosen, rank, seed, b_zero):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform bound), B zero or N(0, 0.1^2); float32."""
+    g = np.random.RandomState(seed)
+    mods = onnx_modules(model_file)
+    vals = {}
+    for path in chosen:
+        _, fin, fout = mods[path]
+        bound = 1.0 / math.sqrt(fin)
+        vals[path + ".lora_A.weight"] = g.uniform(-bound, bound, size=(fin, rank)).astype(np.float32)
+        vals[path + ".lora_B.weight"] = (np.zeros((rank, fout)) if b_zero else
+                                         0.1 * g.randn(rank, fout)).astype(np.float32)
+    return vals
+
+
+def torch_loss(kind, out, labels):
+    if kind == "causal-lm":
+        v = out.shape[-1]
+        return nn.functional.cross_entropy(out[:, :-1, :].reshape(-1, v), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="mean")
+    if kind == "cross-entropy":
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="mean")
+    assert kind == "mse"
+    return ((out - labels) ** 2).mean()
+
+
+def numpy_loss(kind, out, labels):
+    if kind == "mse":
+        return float(((out - labels) ** 2).mean())
+    if kind == "causal-lm":
+        out, labels = out[:, :-1, :], labels[:, 1:]
+    out, labels = out.reshape(-1, out.shape[-1]), labels.reshape(-1)
+    keep = labels != -100
+    z = out[keep] - out[keep].max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(keep.sum()), labels[keep]].mean())
+
+
+def run_torch(model, model_file, feeds):
+    _, names, _ = REF_MODELS[model_file]
+    args = [torch.from_numpy(feeds[n].astype(np.float64) if feeds[n].dtype.kind == "f" else feeds[n]) for n in names]
+    return model(*args)
+
+
+def onnx_loss(model_file, onnx_model, feeds, kind, labels, lora, overrides):
+    _, _, output = REF_MODELS[model_file]
+    out = reference_run(os.path.join(HERE, model_file), feeds, overrides=overrides, lora=lora,
+                        model=onnx_model)[output]
+    return numpy_loss(kind, out, labels)
+
+
+def grad_case(name, model_file, targets, rank, alpha, kind, feeds, labels, extra=(), seed=0):
+    """Write testdata/grad/<name>.json: loss and gradients from torch autograd in float64, with a
+    float64 ONNX reference evaluation of the same loss and central finite differences as checks."""
+    inject = {"targets": list(targets), "rank": rank, "alpha": alpha} if targets else None
+    chosen = [p for p in onnx_modules(model_file) if target_matches(p, targets)]
+    values = lora_init_values(model_file, chosen, rank, seed, b_zero=False)
+    m, params, chosen, mods = lora_model(model_file, targets, rank, alpha, values)
+    trainable = [p + s for p in chosen for s in (".lora_A.weight", ".lora_B.weight")] + list(extra)
+    onnx_model = onnx.load(os.path.join(HERE, model_file))
+    init_names = {t.name for t in onnx_model.graph.initializer}
+    for e in extra:
+        assert e in init_names and e in params, e
+    for n in trainable:
+        params[n].requires_grad_(True)
+    out = run_torch(m, model_file, feeds)
+    tl = torch.from_numpy(labels.astype(np.float64) if labels.dtype.kind == "f" else labels)
+    loss = torch_loss(kind, out, tl)
+    loss.backward()
+    grads = {n: params[n].grad.detach().numpy().copy() for n in trainable}
+
+    # independent checks on the ONNX file: loss of the float64 evaluator, central differences
+    scaling = alpha / rank if targets else 0.0
+    lora = {mods[p][0]: (values[p + ".lora_A.weight"].astype(np.float64),
+                         values[p + ".lora_B.weight"].astype(np.float64), scaling) for p in chosen}
+    overrides = {e: params[e].detach().numpy().copy() for e in extra}
+    ref = onnx_loss(model_file, onnx_model, feeds, kind, labels, lora, overrides)
+    # float32 constants in the file (eps, 1/sqrt(head_dim)) vs float64 ones in torch: ~1e-10 relative
+    assert abs(ref - loss.item()) <= 1e-8 * abs(loss.item()), (name, ref, loss.item())
+    g = np.random.RandomState(seed + 1)
+    worst = 0.0
+    for n in trainable:
+        for idx in [tuple(g.randint(0, d) for d in grads[n].shape) for _ in range(3)]:
+            fd = []
+            for sign in (1, -1):
+                lo, ov = dict(lora), {k: v.copy() for k, v in overrides.items()}
+                if n in ov:
+                    ov[n][idx] += sign * 1e-5
+                else:
+                    path, which = n.rsplit(".lora_", 1)
+                    la, lb, ls = lo[mods[path][0]]
+                    la, lb = la.copy(), lb.copy()
+                    (la if which.startswith("A") else lb)[idx] += sign * 1e-5
+                    lo[mods[path][0]] = (la, lb, ls)
+                fd.append(onnx_loss(model_file, onnx_model, feeds, kind, labels, lo, ov))
+            d = (fd[0] - fd[1]) / 2e-5
+            err = abs(d - grads[n][idx]) / (1e-6 + abs(grads[n][idx]))
+            assert abs(d - grads[n][idx]) <= 1e-7 + 1e-5 * abs(grads[n][idx]), (name, n, idx, d, grads[n][idx])
+            worst = max(worst, err)
+    label_dtype = "float32" if labels.dtype.kind == "f" else "int64"
+    case = {
+        "model": model_file, "inject": inject, "loss": kind, "output": REF_MODELS[model_file][2],
+        "inputs": dict({k: tensor_json(v, "float32" if v.dtype.kind == "f" else "int64") for k, v in feeds.items()},
+                       labels=tensor_json(labels, label_dtype)),
+        "params": {k: tensor_json(v, "float32") for k, v in values.items()},
+        "trainable": trainable,
+        "expected": {"loss": float(loss.item()), "grads": {n: expected_json(grads[n]) for n in trainable}},
+    }
+    dump_case(os.path.join(TESTDATA, "grad", name + ".json"), case)
+    print("ok  grad/%-32s loss %.6f, %d trainable, onnx ref diff %.1e, finite diff rel err <= %.1e" % (
+        name + ".json", loss.item(), len(trainable), abs(ref - loss.item()), worst))
+
+
+def lm_batch(seed, lengths, vocab, t=None):
+    """Right-padded token batch: ids (pad 0), attention_mask, position_ids 0..t-1, labels (-100 at pads)."""
+    g = np.random.RandomState(seed)
+    t = t or max(lengths)
+    ids = np.zeros((len(lengths), t), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = g.randint(1, vocab, size=n)
+        mask[i, :n] = 1
+    labels = np.where(mask == 1, ids, -100)
+    pos = np.tile(np.arange(t, dtype=np.int64), (len(lengths), 1))
+    return ids, mask, pos, labels
+
+
+ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_grad_cases():
+    ids, mask, pos, labels = lm_batch(21, [7, 4], LL_VOCAB)
+    grad_case("tiny-llama-causal-lm-pad", "tiny-llama.onnx", ALL_LLAMA, 4, 8, "causal-lm",
+              {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, labels, seed=101,
+              extra=["model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+                     "model.norm.weight", "model.norm.bias"])
+    ids, mask, pos, labels = lm_batch(22, [5], LL_VOCAB)
+    grad_case("tiny-llama-qv", "tiny-llama.onnx", ["q_proj", "v_proj"], 4, 8, "causal-lm",
+              {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, labels, seed=102)
+
+    ids, _, _, labels = lm_batch(23, [6, 4], G2_VOCAB)
+    grad_case("tiny-gpt2-opset14-causal-lm", "tiny-gpt2-opset14.onnx", ["q_proj", "k_proj", "v_proj", "c_proj", "c_fc"],
+              4, 8, "causal-lm", {"input_ids": ids}, labels, seed=103,
+              extra=["transformer.h.0.ln_1.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"])
+    ids, _, _, labels = lm_batch(24, [5, 5], G2_VOCAB)
+    grad_case("tiny-gpt2-opset14-embeddings", "tiny-gpt2-opset14.onnx", [], 4, 8, "causal-lm",
+              {"input_ids": ids}, labels, seed=104, extra=["transformer.wte.weight", "transformer.wpe.weight"])
+
+    ids, _, _, labels = lm_batch(25, [6, 6], GPT_VOCAB)
+    grad_case("tiny-gpt-causal-lm", "tiny-gpt.onnx", ALL_LLAMA, 4, 8, "causal-lm", {"input_ids": ids}, labels,
+              seed=105)
+
+    g = np.random.RandomState(26)
+    x = g.randn(6, 16).astype(np.float32)
+    cls = g.randint(0, 5, size=6).astype(np.int64)
+    cls[3] = -100
+    grad_case("mlp-classifier-cross-entropy", "mlp-classifier.onnx", ["fc1", "fc2"], 4, 8, "cross-entropy",
+              {"x": x}, cls, seed=106, extra=["fc2.bias"])
+    y = g.randn(6, 5).astype(np.float32)
+    grad_case("mlp-classifier-mse", "mlp-classifier.onnx", ["fc1", "fc2"], 4, 8, "mse", {"x": x}, y, seed=107)
+    x = g.randn(4, 16).astype(np.float32)
+    y = g.randn(4, 8).astype(np.float32)
+    grad_case("mlp-gemm-transb-mse", "mlp-gemm-transb.onnx", ["fc1", "fc2", "fc3"], 4, 8, "mse", {"input": x}, y,
+              seed=108)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ort-binding", default=os.environ.get("ORT_NODE_BINDING"),
@@ -1033,6 +1356,8 @@ def main():
     build_tiny_llama(ck)
     build_tiny_gpt2(ck)
     build_mlp_classifier(ck)
+    print()
+    build_grad_cases()
     with open(os.path.join(HERE, "golden.json"), "w") as f:
         json.dump(ck.golden, f, indent=1, sort_keys=True)
         f.write("\n")
