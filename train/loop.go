@@ -184,8 +184,8 @@ type Trainer struct {
 	// Params are trained in place.
 	Params []*Param
 	Data   *Dataset
-	// Eval, if set, is evaluated every Config.EvalEvery steps and at the
-	// end.
+	// Eval, if set, is evaluated before the first step, every
+	// Config.EvalEvery steps and after the last.
 	Eval *Dataset
 	Spec *BatchSpec
 	// OnRecord, if set, gets every step and eval record as it happens.
@@ -312,6 +312,14 @@ func (t *Trainer) Run(ctx context.Context) (*Result, error) {
 	sums := make([][]float64, len(t.Params))
 	for i, p := range t.Params {
 		sums[i] = make([]float64, len(p.Value))
+	}
+	if t.Eval != nil && t.step == 0 && total > 0 {
+		// The starting point, so a log shows what training changed.
+		ev, err := t.Evaluate()
+		if err != nil {
+			return nil, fmt.Errorf("eval before training: %w", err)
+		}
+		t.emit(ev)
 	}
 	for t.step < total {
 		if ctx.Err() != nil {
