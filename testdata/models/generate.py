@@ -1341,6 +1341,185 @@ def build_grad_cases():
               seed=108)
 
 
+def lr_lambda(kind, k, warmup, total):
+    """transformers' get_{constant,linear,cosine}_schedule_with_warmup multiplier at optimizer step k."""
+    if k < warmup:
+        return float(k) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, float(total - k) / float(max(1, total - warmup)))
+    assert kind == "cosine"
+    progress = float(k - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def collate(model_file, rows, kind):
+    """A batch as onnxlora train builds it: right padding with id 0, attention_mask 0 and labels -100 at
+    pads, missing attention_mask = ones, missing position_ids = 0..t-1, causal-lm labels = input_ids."""
+    _, names, _ = REF_MODELS[model_file]
+    if "input_ids" not in names:  # fixed-shape rows (the classifier): stack
+        feeds = {n: np.array([r[n] for r in rows], dtype=np.float32) for n in names}
+        labels = np.array([r["labels"] for r in rows], dtype=np.int64 if kind != "mse" else np.float32)
+        return feeds, labels
+    t = max(len(r["input_ids"]) for r in rows)
+    ids = np.zeros((len(rows), t), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = r["input_ids"]
+        mask[i, :n] = r.get("attention_mask", [1] * n)
+        labels[i, :n] = r.get("labels", r["input_ids"])
+    feeds = {"input_ids": ids, "attention_mask": mask,
+             "position_ids": np.tile(np.arange(t, dtype=np.int64), (len(rows), 1))}
+    return {n: feeds[n] for n in names}, labels
+
+
+def torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=None):
+    """The reference loop in float64: returns ([{step, loss, lr, grad_norm}], {param: final value})."""
+    m, params, chosen, _ = lora_model(model_file, targets, rank, alpha, initial)
+    names = [p + s for p in chosen for s in (".lora_A.weight", ".lora_B.weight")]
+    ps = [params[n] for n in names]
+    for p in ps:
+        p.requires_grad_(True)
+    lr = flags["lr"]
+    if flags["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(ps, lr=lr, betas=(flags["adam-beta1"], flags["adam-beta2"]),
+                                eps=flags["adam-epsilon"], weight_decay=flags["weight-decay"])
+    else:
+        opt = torch.optim.SGD(ps, lr=lr, momentum=flags["momentum"], weight_decay=flags["weight-decay"])
+    bs, accum, total = flags["batch-size"], flags["grad-accum"], flags["steps"]
+    per_epoch = (len(rows) + bs - 1) // bs
+    steps, batch_no = [], 0
+    for k in range(total):
+        step_lr = lr * lr_lambda(flags["lr-scheduler"], k, flags["warmup-steps"], total)
+        for group in opt.param_groups:
+            group["lr"] = step_lr
+        opt.zero_grad()
+        losses = []
+        for _ in range(accum):
+            j = batch_no % per_epoch
+            batch_no += 1
+            feeds, labels = collate(model_file, rows[j * bs:(j + 1) * bs], flags["loss"])
+            tl = torch.from_numpy(labels.astype(np.float64) if labels.dtype.kind == "f" else labels)
+            loss = torch_loss(flags["loss"], run_torch(m, model_file, feeds), tl)
+            (loss / accum).backward()
+            losses.append(loss.item())
+        if flags["max-grad-norm"] > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(ps, flags["max-grad-norm"]))
+        else:
+            norm = float(torch.norm(torch.stack([torch.norm(p.grad, 2) for p in ps]), 2))
+        if record is not None:
+            record.append({n: p.grad.detach().numpy().copy() for n, p in zip(names, ps)})
+        opt.step()
+        steps.append({"step": k + 1, "loss": float(np.mean(losses)), "lr": step_lr, "grad_norm": norm})
+    return steps, {n: p.detach().numpy().copy() for n, p in zip(names, ps)}
+
+
+TRAIN_DEFAULTS = {"steps": 6, "batch-size": 2, "grad-accum": 1, "lr": 0.01, "optimizer": "adamw",
+                  "adam-beta1": 0.9, "adam-beta2": 0.999, "adam-epsilon": 1e-8, "momentum": 0.0,
+                  "weight-decay": 0.0, "lr-scheduler": "constant", "warmup-steps": 0, "max-grad-norm": 1.0,
+                  "loss": "causal-lm", "shuffle": False}
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+
+
+def train_case(name, model_file, targets, rank, alpha, rows, flags, seed, b_zero, clips=None):
+    """Write testdata/train/<name>.json and <name>.jsonl. clips: assert that every step clips (True) or
+    none does (False). Every step's norm must be 1% away from max-grad-norm, so float32 gradients cannot
+    flip the clipping decision."""
+    flags = dict(TRAIN_DEFAULTS, **flags)
+    chosen = [p for p in onnx_modules(model_file) if target_matches(p, targets)]
+    initial = lora_init_values(model_file, chosen, rank, seed, b_zero=b_zero)
+    grads = []
+    steps, final = torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=grads)
+    g = flags["max-grad-norm"]
+    if g > 0:
+        for s in steps:
+            assert abs(s["grad_norm"] - g) > 0.01 * g, (name, s, g)
+            assert clips is None or (s["grad_norm"] > g) == clips, (name, s, g)
+    # step 1's loss again, from the float64 evaluator on the ONNX file with the initial adapters
+    mods = onnx_modules(model_file)
+    lora = {mods[p][0]: (initial[p + ".lora_A.weight"].astype(np.float64),
+                         initial[p + ".lora_B.weight"].astype(np.float64), alpha / rank) for p in chosen}
+    onnx_model = onnx.load(os.path.join(HERE, model_file))
+    bs = flags["batch-size"]
+    per_epoch = (len(rows) + bs - 1) // bs
+    first = []
+    for j in range(flags["grad-accum"]):
+        feeds, labels = collate(model_file, rows[(j % per_epoch) * bs:(j % per_epoch + 1) * bs], flags["loss"])
+        first.append(onnx_loss(model_file, onnx_model, feeds, flags["loss"], labels, lora, {}))
+    ref = float(np.mean(first))
+    assert abs(ref - steps[0]["loss"]) <= 1e-8 * steps[0]["loss"], (name, ref, steps[0]["loss"])
+    write_jsonl(os.path.join(TESTDATA, "train", name + ".jsonl"), rows)
+    case = {
+        "model": model_file, "inject": {"targets": list(targets), "rank": rank, "alpha": alpha},
+        "data": name + ".jsonl", "flags": flags,
+        "initial": {k: tensor_json(v, "float32") for k, v in initial.items()},
+        "expected": {"steps": steps, "final": {k: expected_json(v) for k, v in final.items()}},
+    }
+    dump_case(os.path.join(TESTDATA, "train", name + ".json"), case)
+    init = np.concatenate([v.reshape(-1) for v in initial.values()]).astype(np.float64)
+    fin = np.concatenate([v.reshape(-1) for v in final.values()])
+    # smallest |gradient| relative to its tensor's largest, over all steps (Adam divides by it)
+    tiny = min(float(np.abs(v).min() / np.abs(v).max()) for gr in grads for v in gr.values() if np.abs(v).max() > 0)
+    print("ok  train/%-28s loss %.4f -> %.4f, grad_norm %.3g..%.3g, |final-initial|/|initial| %.2f, "
+          "min |g|/max|g| %.0e" % (name + ".json", steps[0]["loss"], steps[-1]["loss"],
+                                   min(s["grad_norm"] for s in steps), max(s["grad_norm"] for s in steps),
+                                   np.linalg.norm(fin - init) / np.linalg.norm(init), tiny))
+    return steps
+
+
+def lm_rows(seed, n, lengths, vocab, prompt=0):
+    g = np.random.RandomState(seed)
+    rows = []
+    for _ in range(n):
+        ids = g.randint(1, vocab, size=g.randint(lengths[0], lengths[1] + 1)).tolist()
+        r = {"input_ids": ids}
+        if prompt:
+            r["labels"] = [-100] * prompt + ids[prompt:]
+        rows.append(r)
+    return rows
+
+
+def mlp_rows(seed, n):
+    g = np.random.RandomState(seed)
+    return [{"x": f32_list(g.randn(16).astype(np.float32)), "labels": int(g.randint(0, 5))} for _ in range(n)]
+
+
+def build_train_cases():
+    lm_targets = {"tiny-llama.onnx": ["q_proj", "v_proj", "o_proj", "down_proj"],
+                  "tiny-gpt2-opset14.onnx": ["q_proj", "v_proj", "c_fc"]}
+    for i, (mf, short) in enumerate([("tiny-llama.onnx", "tiny-llama"), ("tiny-gpt2-opset14.onnx", "tiny-gpt2")]):
+        tg, vocab = lm_targets[mf], 64
+        train_case(short + "-adamw", mf, tg, 4, 8, lm_rows(300 + i, 8, (4, 9), vocab),
+                   {"optimizer": "adamw", "weight-decay": 0.01, "lr-scheduler": "constant",
+                    "max-grad-norm": 1.0}, seed=310 + i, b_zero=True, clips=False)
+        train_case(short + "-sgd", mf, tg, 4, 8, lm_rows(320 + i, 8, (4, 9), vocab, prompt=2 if i == 0 else 0),
+                   {"optimizer": "sgd", "lr": 2.0, "momentum": 0.9, "lr-scheduler": "linear", "warmup-steps": 2,
+                    "max-grad-norm": 0.1}, seed=330 + i, b_zero=(i == 1), clips=True)
+        train_case(short + "-accum-cosine", mf, tg, 4, 8, lm_rows(340 + i, 7, (4, 9), vocab),
+                   {"steps": 4, "grad-accum": 2, "optimizer": "adamw", "lr-scheduler": "cosine", "warmup-steps": 1,
+                    "max-grad-norm": 0.0}, seed=350 + i, b_zero=True)
+    cls = {"loss": "cross-entropy"}
+    train_case("mlp-classifier-adamw", "mlp-classifier.onnx", ["fc1", "fc2"], 4, 8, mlp_rows(360, 8),
+               dict(cls, **{"optimizer": "adamw", "weight-decay": 0.01, "max-grad-norm": 1.0}), seed=361,
+               b_zero=True)
+    train_case("mlp-classifier-sgd", "mlp-classifier.onnx", ["fc1", "fc2"], 4, 8, mlp_rows(362, 8),
+               dict(cls, **{"optimizer": "sgd", "lr": 2.0, "momentum": 0.9, "weight-decay": 0.01,
+                            "lr-scheduler": "linear", "warmup-steps": 2, "max-grad-norm": 0.1}),
+               seed=363, b_zero=False, clips=True)
+    train_case("mlp-classifier-accum-cosine", "mlp-classifier.onnx", ["fc1", "fc2"], 4, 8, mlp_rows(364, 7),
+               dict(cls, **{"steps": 4, "grad-accum": 2, "optimizer": "adamw", "lr-scheduler": "cosine",
+                            "warmup-steps": 1, "max-grad-norm": 0.0}), seed=365, b_zero=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ort-binding", default=os.environ.get("ORT_NODE_BINDING"),
@@ -1358,6 +1537,8 @@ def main():
     build_mlp_classifier(ck)
     print()
     build_grad_cases()
+    print()
+    build_train_cases()
     with open(os.path.join(HERE, "golden.json"), "w") as f:
         json.dump(ck.golden, f, indent=1, sort_keys=True)
         f.write("\n")
