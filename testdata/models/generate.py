@@ -17,9 +17,18 @@ script rewrites byte-identical files.  The script asserts for every model:
     binding (onnxruntime_binding.node, next to its libonnxruntime.so.1) and the
     `node` executable.
 
-It also writes golden.json: for each model, a fixed input and the expected
-outputs (float64 reference evaluation of the saved model, rounded to 6
-significant digits) plus a tolerance, for tests of the Go runtime wrapper.
+It also writes golden.json: for each of the first seven models, a fixed input
+and the expected outputs (float64 reference evaluation of the saved model,
+rounded to 6 significant digits) plus a tolerance, for tests of the Go runtime
+wrapper; and, from torch in float64 (see README.md for the formats):
+
+  * testdata/grad/<case>.json: loss and gradients of LoRA-injected models,
+    checked against the ONNX file by the reference evaluator and finite
+    differences;
+  * testdata/train/<case>.json + .jsonl: AdamW/SGD training runs with
+    onnxlora train's semantics (per-step loss, lr, grad norm, final adapters);
+  * testdata/data/: a bigram dataset for tiny-llama and what a torch LoRA
+    fine-tune reaches on it.
 """
 
 import argparse
@@ -1376,8 +1385,9 @@ def collate(model_file, rows, kind):
     return {n: feeds[n] for n in names}, labels
 
 
-def torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=None):
-    """The reference loop in float64: returns ([{step, loss, lr, grad_norm}], {param: final value})."""
+def torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=None, after_step=None):
+    """The reference loop in float64: returns ([{step, loss, lr, grad_norm}], {param: final value}).
+    record collects each step's clipped gradients; after_step(step, model) runs after each update."""
     m, params, chosen, _ = lora_model(model_file, targets, rank, alpha, initial)
     names = [p + s for p in chosen for s in (".lora_A.weight", ".lora_B.weight")]
     ps = [params[n] for n in names]
@@ -1414,6 +1424,8 @@ def torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=N
             record.append({n: p.grad.detach().numpy().copy() for n, p in zip(names, ps)})
         opt.step()
         steps.append({"step": k + 1, "loss": float(np.mean(losses)), "lr": step_lr, "grad_norm": norm})
+        if after_step:
+            after_step(k + 1, m)
     return steps, {n: p.detach().numpy().copy() for n, p in zip(names, ps)}
 
 
@@ -1520,6 +1532,99 @@ def build_train_cases():
                             "warmup-steps": 1, "max-grad-norm": 0.0}), seed=365, b_zero=True)
 
 
+# --------------------------------------------------------------------------
+# a small fine-tuning dataset for tiny-llama (testdata/data)
+# --------------------------------------------------------------------------
+
+BIGRAM_P = 0.75  # probability of a token's first successor; its second successor has the rest
+
+
+def bigram_table():
+    """succ[t] = the two successors of token t (1..63); 0 is kept for padding."""
+    g = np.random.RandomState(400)
+    first, second = g.permutation(np.arange(1, LL_VOCAB)), g.permutation(np.arange(1, LL_VOCAB))
+    succ = np.zeros((LL_VOCAB, 2), dtype=np.int64)
+    succ[1:, 0], succ[1:, 1] = first, second
+    return succ
+
+
+def bigram_rows(seed, n, succ):
+    g = np.random.RandomState(seed)
+    rows = []
+    for _ in range(n):
+        ids = [int(g.randint(1, LL_VOCAB))]
+        for _ in range(g.randint(8, 17) - 1):
+            ids.append(int(succ[ids[-1], 0 if g.rand() < BIGRAM_P else 1]))
+        rows.append({"input_ids": ids})
+    return rows
+
+
+def bigram_optimal_loss(rows, succ):
+    """Mean -log p(next | prev) under the true process over every predicted token: the best reachable loss."""
+    nll = []
+    for r in rows:
+        for a, b in zip(r["input_ids"], r["input_ids"][1:]):
+            p = (BIGRAM_P if succ[a, 0] == b else 0.0) + (1 - BIGRAM_P if succ[a, 1] == b else 0.0)
+            nll.append(-math.log(p))
+    return float(np.mean(nll))
+
+
+def lm_eval_loss(model, rows, batch_size):
+    """Causal-LM loss over all of rows, every predicted token weighted equally (not a mean of batch means)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for j in range(0, len(rows), batch_size):
+            feeds, labels = collate("tiny-llama.onnx", rows[j:j + batch_size], "causal-lm")
+            n = int((labels[:, 1:] != -100).sum())
+            total += torch_loss("causal-lm", run_torch(model, "tiny-llama.onnx", feeds), torch.from_numpy(labels)).item() * n
+            count += n
+    return total / count
+
+
+def build_finetune_data():
+    succ = bigram_table()
+    train, ev = bigram_rows(401, 256, succ), bigram_rows(402, 32, succ)
+    out = os.path.join(TESTDATA, "data")
+    write_jsonl(os.path.join(out, "lm-train.jsonl"), train)
+    write_jsonl(os.path.join(out, "lm-eval.jsonl"), ev)
+    targets, rank, alpha, eval_every, eval_bs = ALL_LLAMA, 8, 16, 16, 8
+    flags = dict(TRAIN_DEFAULTS, **{"steps": 96, "batch-size": 16, "lr": 0.01, "lr-scheduler": "linear"})
+    chosen = [p for p in onnx_modules("tiny-llama.onnx") if target_matches(p, targets)]
+    initial = lora_init_values("tiny-llama.onnx", chosen, rank, 403, b_zero=True)
+    m0, _, _, _ = lora_model("tiny-llama.onnx", targets, rank, alpha, initial)
+    evals = [{"step": 0, "eval_loss": lm_eval_loss(m0, ev, eval_bs)}]
+
+    def after(step, m):
+        if step % eval_every == 0:
+            evals.append({"step": step, "eval_loss": lm_eval_loss(m, ev, eval_bs)})
+
+    steps, _ = torch_train("tiny-llama.onnx", targets, rank, alpha, initial, train, flags, after_step=after)
+    before, after_ = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    assert after_ < before - 1.5, (before, after_)
+    case = {
+        "model": "tiny-llama.onnx", "inject": {"targets": targets, "rank": rank, "alpha": alpha},
+        "data": "lm-train.jsonl", "eval_data": "lm-eval.jsonl", "flags": flags,
+        "eval_every": eval_every, "eval_batch_size": eval_bs,
+        "commands": ["onnxlora inject testdata/models/tiny-llama.onnx -o lora.onnx --target %s --rank %d --alpha %d"
+                     % (",".join(targets), rank, alpha),
+                     "onnxlora train lora.onnx --data testdata/data/lm-train.jsonl --eval-data "
+                     "testdata/data/lm-eval.jsonl --eval-every %d -o trained.onnx --steps %d --batch-size %d "
+                     "--lr %g --lr-scheduler linear --weight-decay 0 --max-grad-norm 1 --shuffle=false"
+                     % (eval_every, flags["steps"], flags["batch-size"], flags["lr"])],
+        "note": ("torch float64 loop with the same semantics as testdata/train; A ~ U(+-1/sqrt(in)) from this "
+                 "generator's seed (not onnxlora inject's), B = 0; eval_loss weights every predicted token "
+                 "equally; optimal_eval_loss is the loss of the true bigram process on lm-eval.jsonl"),
+        "initial": {k: tensor_json(v, "float32") for k, v in initial.items()},
+        "expected": {"eval_loss_before": before, "eval_loss_after": after_,
+                     "perplexity_before": math.exp(before), "perplexity_after": math.exp(after_),
+                     "optimal_eval_loss": bigram_optimal_loss(ev, succ),
+                     "eval": evals, "steps": steps},
+    }
+    dump_case(os.path.join(out, "lm-finetune-torch.json"), case)
+    print("ok  data/lm-finetune-torch.json      eval loss %.4f -> %.4f (optimal %.4f), train loss %.4f -> %.4f" % (
+        before, after_, case["expected"]["optimal_eval_loss"], steps[0]["loss"], steps[-1]["loss"]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ort-binding", default=os.environ.get("ORT_NODE_BINDING"),
@@ -1539,6 +1644,7 @@ def main():
     build_grad_cases()
     print()
     build_train_cases()
+    build_finetune_data()
     with open(os.path.join(HERE, "golden.json"), "w") as f:
         json.dump(ck.golden, f, indent=1, sort_keys=True)
         f.write("\n")
