@@ -1,6 +1,7 @@
 #!/bin/sh
-# Regenerate the ONNX test models in testdata/models/ (deterministic: re-running
-# gives byte-identical files). Needs Debian's python3-torch and python3-onnx,
+# Regenerate the ONNX test models in testdata/models/ and the gradient, training
+# and fine-tuning reference files in testdata/grad/, testdata/train/ and
+# testdata/data/ (deterministic: re-running gives byte-identical files). Needs Debian's python3-torch and python3-onnx,
 # hence /usr/bin/python3 rather than whatever python3 is first on PATH.
 #
 # Optional ONNX Runtime check of every generated model: point ORT_NODE_BINDING
