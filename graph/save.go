@@ -1,7 +1,6 @@
 package graph
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -33,7 +32,11 @@ type SaveOptions struct {
 	// file (default 1024). Tensors already external stay external.
 	Threshold int64
 	// DataFile is the data file's name, beside the output (default: the
-	// output's file name + ".data", as ONNX Runtime GenAI writes it).
+	// output's file name + ".data", as ONNX Runtime GenAI writes it). When
+	// a file of that name exists (an earlier output), the data goes to a
+	// fresh name beside it instead (model.onnx.<random>.data), so the old
+	// model stays whole until the new one replaces it; the earlier output's
+	// data file is then removed (see PairWriter).
 	DataFile string
 	// Align is the alignment of each tensor's offset in the data file
 	// (default 4096, so runtimes can memory-map weights).
@@ -68,8 +71,9 @@ func (o *SaveOptions) defaults(path string) error {
 
 // Save writes the model to path. It never modifies the file the model came
 // from or its external data: writes go to temporary files in the destination
-// folder that are synced and renamed into place, and on any error nothing is
-// left at the output path. The in-memory model is unchanged by Save.
+// folder that are synced and renamed into place (WriteFileAtomic, or
+// PairWriter with external data), and on any error an earlier output at
+// path is left as it was. The in-memory model is unchanged by Save.
 func (m *Model) Save(path string, opts SaveOptions) error {
 	opts, dataPath, err := opts.WithDefaults(path)
 	if err != nil {
@@ -85,7 +89,7 @@ func (m *Model) Save(path string, opts SaveOptions) error {
 	if !external {
 		return m.saveInline(path)
 	}
-	return m.saveExternal(path, dataPath, opts)
+	return m.saveExternal(path, opts)
 }
 
 func (m *Model) hasExternal() bool {
@@ -103,29 +107,41 @@ func (m *Model) CheckOutputs(outputs ...string) error {
 			return fmt.Errorf("%s: is a folder; Save needs a file name", out)
 		}
 	}
-	inputs := map[string]bool{}
-	if m.path != "" {
-		inputs[m.path] = true
-	}
-	m.Tensors(func(t *onnxpb.TensorProto) {
-		if IsExternal(t) {
-			if ref, err := m.externalRef(t); err == nil {
-				inputs[ref.Path] = true
-			}
-		}
-	})
+	inputs := m.inputFiles()
 	for _, out := range outputs {
 		ost, err := os.Stat(out)
 		if err != nil {
 			continue
 		}
-		for in := range inputs {
+		for _, in := range inputs {
 			if ist, err := os.Stat(in); err == nil && os.SameFile(ist, ost) {
 				return fmt.Errorf("%s: refusing to overwrite the input file %s; choose another output", out, in)
 			}
 		}
 	}
 	return nil
+}
+
+// inputFiles lists the file the model was loaded from and its external
+// data files.
+func (m *Model) inputFiles() []string {
+	var files []string
+	seen := map[string]bool{}
+	add := func(p string) {
+		if p != "" && !seen[p] {
+			seen[p] = true
+			files = append(files, p)
+		}
+	}
+	add(m.path)
+	m.Tensors(func(t *onnxpb.TensorProto) {
+		if IsExternal(t) {
+			if ref, err := m.externalRef(t); err == nil {
+				add(ref.Path)
+			}
+		}
+	})
+	return files
 }
 
 // saveInline writes a single self-contained protobuf, reading any external
@@ -176,21 +192,14 @@ func (m *Model) readExternal(t *onnxpb.TensorProto) ([]byte, error) {
 
 // saveExternal writes large tensors to one aligned data file beside the
 // model, streaming tensors that were already external from their old file.
-// Both files are written in full to temporary files before either is
-// renamed into place, so a failed write leaves any earlier output as it was.
-func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error) {
-	dir := filepath.Dir(path)
-	dataTmp, err := os.CreateTemp(dir, "."+filepath.Base(dataPath)+".tmp*")
+// Both files are written in full before either replaces an earlier output
+// (PairWriter), so a failed write leaves that output as it was.
+func (m *Model) saveExternal(path string, opts SaveOptions) (err error) {
+	pw, err := m.NewPairWriter(path, opts.DataFile)
 	if err != nil {
-		return fmt.Errorf("%s: %w", path, unwrapPathError(err))
+		return err
 	}
-	dataTmpName := dataTmp.Name()
-	defer func() {
-		dataTmp.Close()
-		if err != nil {
-			os.Remove(dataTmpName)
-		}
-	}()
+	defer pw.Abort()
 
 	var saved []tensorState
 	defer func() { restore(saved) }()
@@ -225,11 +234,11 @@ func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error
 			}
 		}
 		offset = (offset + opts.Align - 1) / opts.Align * opts.Align
-		if err = m.copyTensorTo(dataTmp, offset, t); err != nil {
+		if err = m.copyTensorTo(pw.Data, offset, t); err != nil {
 			return
 		}
 		saved = append(saved, snapshot(t))
-		SetExternal(t, opts.DataFile, offset, size)
+		SetExternal(t, pw.DataName, offset, size)
 		offset += size
 	})
 	if err != nil {
@@ -242,38 +251,14 @@ func (m *Model) saveExternal(path, dataPath string, opts SaveOptions) (err error
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	if len(saved) == 0 {
-		dataTmp.Close()
-		os.Remove(dataTmpName)
-		return WriteFileAtomic(path, func(w io.Writer) error {
-			_, err := w.Write(data)
-			return err
-		})
-	}
-	if err = finishTemp(dataTmp); err != nil {
-		return fmt.Errorf("%s: %w", dataPath, err)
-	}
-	modelTmp, err := writeTemp(path, func(w io.Writer) error {
-		_, err := w.Write(data)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			os.Remove(modelTmp)
-		}
-	}()
-	// The data file goes first: a model file never points at missing data.
-	if err = os.Rename(dataTmpName, dataPath); err != nil {
-		return fmt.Errorf("%s: %w", dataPath, unwrapLinkError(err))
-	}
-	if err = os.Rename(modelTmp, path); err != nil {
-		os.Remove(dataPath)
-		return fmt.Errorf("%s: %w", path, unwrapLinkError(err))
-	}
-	return nil
+	return pw.Commit(data, len(saved) > 0)
+}
+
+// NewPairWriter starts writing this model (or one derived from it) to path
+// with external data in dataFile beside it; the model's own files are
+// never removed. See PairWriter.
+func (m *Model) NewPairWriter(path, dataFile string) (*PairWriter, error) {
+	return NewPairWriter(path, dataFile, m.inputFiles()...)
 }
 
 // copyTensorTo writes t's bytes at offset in f. External data is copied
@@ -325,61 +310,4 @@ func restore(states []tensorState) {
 		t.RawData, t.FloatData, t.Int32Data, t.Int64Data = s.raw, s.floats, s.int32s, s.int64s
 		t.DoubleData, t.Uint64Data, t.ExternalData, t.DataLocation = s.doubles, s.uint64s, s.externalData, s.location
 	}
-}
-
-// WriteFileAtomic writes a file through a temporary file in the same folder,
-// synced and then renamed over path, so readers see the old file or the
-// complete new one and a failed write leaves nothing at path.
-func WriteFileAtomic(path string, write func(io.Writer) error) error {
-	tmp, err := writeTemp(path, write)
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("%s: %w", path, unwrapLinkError(err))
-	}
-	return nil
-}
-
-// writeTemp writes a complete, synced temporary file beside path and
-// returns its name; on error nothing is left behind.
-func writeTemp(path string, write func(io.Writer) error) (name string, err error) {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", path, unwrapPathError(err))
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if err = write(tmp); err != nil {
-		return "", fmt.Errorf("%s: %w", path, err)
-	}
-	if err = finishTemp(tmp); err != nil {
-		return "", fmt.Errorf("%s: %w", path, err)
-	}
-	return tmp.Name(), nil
-}
-
-// finishTemp syncs and closes a temporary file and gives it the usual
-// permissions of a model file (CreateTemp makes it private).
-func finishTemp(f *os.File) error {
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Chmod(f.Name(), 0o644)
-}
-
-func unwrapLinkError(err error) error {
-	var le *os.LinkError
-	if errors.As(err, &le) {
-		return le.Err
-	}
-	return err
 }
