@@ -1,0 +1,149 @@
+package autodiff
+
+import (
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/onnxlora/onnxlora/graph"
+)
+
+// IgnoreIndex is the label that class losses skip, as in PyTorch and
+// HuggingFace (padding and prompt tokens).
+const IgnoreIndex = -100
+
+// A lossFunc appends the loss on output out as forward nodes, adds the
+// labels input, and returns the scalar loss and the labels' type.
+type lossFunc func(e *emitter, out string) (loss string, labels graph.DataType, err error)
+
+var losses = map[string]lossFunc{
+	"causal-lm":     causalLMLoss,
+	"cross-entropy": crossEntropyLoss,
+	"mse":           mseLoss,
+}
+
+// LossNames returns the losses Build knows, sorted.
+func LossNames() []string {
+	names := make([]string, 0, len(losses))
+	for n := range losses {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// lossInput casts half-precision outputs to float: losses are computed in
+// float32 (double models stay double).
+func (e *emitter) lossInput(out string) (string, error) {
+	dt := e.ti.elem[out]
+	switch dt {
+	case graph.Float, graph.Double:
+		return out, nil
+	case graph.Float16, graph.BFloat16:
+		return e.cast(out, graph.Float), nil
+	}
+	return "", fmt.Errorf("output type %s is not a float type", dt)
+}
+
+// addLabels declares the labels input with the given type and dims.
+func (e *emitter) addLabels(dt graph.DataType, dims []dim) {
+	e.g.Proto.Input = append(e.g.Proto.Input, tensorValueInfo(LabelsName, dt, dims))
+	e.g.Reindex()
+	e.ti.elem[LabelsName] = dt
+	e.ti.shape[LabelsName] = dims
+}
+
+// classDims returns the output's declared dims without the class axis, for
+// the labels' shape, or nil when its rank is not declared.
+func (e *emitter) classDims(out string, wantRank ...int) ([]dim, error) {
+	s, ok := e.ti.shape[out]
+	if !ok {
+		return nil, nil
+	}
+	for _, r := range wantRank {
+		if len(s) == r {
+			return s[:r-1], nil
+		}
+	}
+	return nil, fmt.Errorf("output has rank %d, want %v", len(s), wantRank)
+}
+
+// classLoss is the mean cross-entropy of scores [N, C] against labels [N]
+// (ignore_index -100), through SoftmaxCrossEntropyLoss (opset 12).
+func (e *emitter) classLoss(scores, labels string) (string, error) {
+	if e.opset < 12 {
+		return "", fmt.Errorf("class losses need opset 12 or later (SoftmaxCrossEntropyLoss); the model has %d", e.opset)
+	}
+	c := e.ti.elem[scores]
+	// [.., C] -> [N, C]; labels [..] -> [N]
+	lastDim := e.slice1(e.shape(scores), e.ints(-1), e.ints(math.MaxInt64), 0)
+	flat := e.reshape(scores, e.op("Concat", []string{e.ints(-1), lastDim}, intAttr("axis", 0)))
+	e.ti.shape[flat] = []dim{{value: -1}, {value: -1}}
+	lab := e.reshape(labels, e.ints(-1))
+	outs := e.node("SoftmaxCrossEntropyLoss", []string{flat, lab}, 1,
+		intAttr("ignore_index", IgnoreIndex), stringAttr("reduction", "mean"))
+	e.ti.elem[outs[0]] = c
+	e.ti.shape[outs[0]] = []dim{}
+	return outs[0], nil
+}
+
+// causalLMLoss follows HuggingFace: logits[:, :-1] predict labels[:, 1:].
+func causalLMLoss(e *emitter, out string) (string, graph.DataType, error) {
+	dims, err := e.classDims(out, 3)
+	if err != nil {
+		return "", 0, err
+	}
+	if dims == nil {
+		dims = []dim{{value: -1, param: "batch"}, {value: -1, param: "sequence"}}
+	}
+	logits, err := e.lossInput(out)
+	if err != nil {
+		return "", 0, err
+	}
+	e.addLabels(graph.Int64, dims)
+	if e.opset < 10 {
+		return "", 0, fmt.Errorf("the causal-lm loss needs opset 10 or later (Slice inputs); the model has %d", e.opset)
+	}
+	shifted := e.slice1(logits, e.ints(0), e.ints(-1), 1)
+	next := e.slice1(LabelsName, e.ints(1), e.ints(math.MaxInt64), 1)
+	loss, err := e.classLoss(shifted, next)
+	return loss, graph.Int64, err
+}
+
+// crossEntropyLoss takes class labels [b] for [b, C] outputs, [b, t] for
+// [b, t, C].
+func crossEntropyLoss(e *emitter, out string) (string, graph.DataType, error) {
+	dims, err := e.classDims(out, 2, 3)
+	if err != nil {
+		return "", 0, err
+	}
+	if dims == nil {
+		return "", 0, fmt.Errorf("the output's rank is not declared; cross-entropy needs [b, C] or [b, t, C]")
+	}
+	scores, err := e.lossInput(out)
+	if err != nil {
+		return "", 0, err
+	}
+	e.addLabels(graph.Int64, dims)
+	loss, err := e.classLoss(scores, LabelsName)
+	return loss, graph.Int64, err
+}
+
+// mseLoss is the mean of (output - labels)² over every element; labels have
+// the output's shape and type.
+func mseLoss(e *emitter, out string) (string, graph.DataType, error) {
+	dt := e.ti.elem[out]
+	pred, err := e.lossInput(out)
+	if err != nil {
+		return "", 0, err
+	}
+	dims, ok := e.ti.shape[out]
+	if !ok {
+		return "", 0, fmt.Errorf("the output's shape is not declared; mse labels take it")
+	}
+	e.addLabels(dt, dims)
+	d := e.sub(pred, e.cast(LabelsName, e.ti.elem[pred]))
+	loss := e.reduce("ReduceMean", e.mul(d, d), nil, false)
+	e.ti.shape[loss] = []dim{}
+	return loss, dt, nil
+}
