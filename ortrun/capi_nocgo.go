@@ -12,6 +12,7 @@ var errNoCgo = fmt.Errorf("%w: package ortrun was built without cgo (CGO_ENABLED
 type (
 	cSession struct{}
 	cValue   struct{}
+	cAdapter struct{}
 )
 
 func cLoad(string) (string, error) { return "", errNoCgo }
@@ -20,7 +21,7 @@ func cCreateSession(string, int, int, int) (*cSession, error) { return nil, errN
 
 func cReleaseSession(*cSession) {}
 
-func cSessionIO(*cSession, bool) ([]ioInfo, error) { return nil, errNoCgo }
+func cSessionIO(*cSession, ioKind) ([]ioInfo, error) { return nil, errNoCgo }
 
 func cNewTensor([]int64, int, []byte) (*cValue, error) { return nil, errNoCgo }
 
@@ -29,3 +30,13 @@ func cReleaseValue(*cValue) {}
 func cRun(*cSession, []string, []*cValue, []string, []*cValue) error { return errNoCgo }
 
 func cValueTensor(*cValue) (int, []int64, []byte, int, error) { return 0, nil, nil, 0, errNoCgo }
+
+func cCreateAdapter(string) (*cAdapter, error) { return nil, errNoCgo }
+
+func cCreateAdapterFromBytes([]byte) (*cAdapter, error) { return nil, errNoCgo }
+
+func cReleaseAdapter(*cAdapter) {}
+
+func cRunAdapters(*cSession, []*cAdapter, []string, []*cValue, []string, []*cValue) error {
+	return errNoCgo
+}

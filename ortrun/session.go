@@ -64,7 +64,19 @@ type Session struct {
 	c       *cSession
 	inputs  []TensorInfo
 	outputs []TensorInfo
+	// overridable are initializers that are also graph inputs: Run may
+	// feed them, and uses their stored values when it does not.
+	overridable []TensorInfo
 }
+
+// ioKind selects what cSessionIO lists.
+type ioKind int
+
+const (
+	ioInputs ioKind = iota
+	ioOutputs
+	ioOverridable
+)
 
 // Open loads the model at path (nil opts means defaults). External data
 // files are looked up relative to the model's folder, as ORT does. The error
@@ -90,12 +102,17 @@ func Open(path string, opts *Options) (*Session, error) {
 		return nil, fmt.Errorf("ort: opening %s: %w", path, err)
 	}
 	s := &Session{path: path, c: c}
-	ins, err := cSessionIO(c, false)
+	ins, err := cSessionIO(c, ioInputs)
 	if err == nil {
 		s.inputs = toTensorInfos(ins)
 		var outs []ioInfo
-		outs, err = cSessionIO(c, true)
+		outs, err = cSessionIO(c, ioOutputs)
 		s.outputs = toTensorInfos(outs)
+	}
+	if err == nil {
+		var over []ioInfo
+		over, err = cSessionIO(c, ioOverridable)
+		s.overridable = toTensorInfos(over)
 	}
 	if err != nil {
 		cReleaseSession(c)
@@ -124,6 +141,11 @@ func (s *Session) Inputs() []TensorInfo { return cloneInfos(s.inputs) }
 
 // Outputs describes the graph outputs in graph order.
 func (s *Session) Outputs() []TensorInfo { return cloneInfos(s.outputs) }
+
+// OverridableInitializers describes the initializers that are also graph
+// inputs (IR >= 4): Run accepts them as inputs, such as the trainable
+// parameters of a step graph or the LoRA weights of an adapter-input model.
+func (s *Session) OverridableInitializers() []TensorInfo { return cloneInfos(s.overridable) }
 
 func cloneInfos(in []TensorInfo) []TensorInfo {
 	out := make([]TensorInfo, len(in))
@@ -218,9 +240,11 @@ func (s *Session) checkInputs(inputs []Tensor) error {
 	seen := make(map[string]bool, len(inputs))
 	for _, t := range inputs {
 		var info *TensorInfo
-		for i := range s.inputs {
-			if s.inputs[i].Name == t.Name {
-				info = &s.inputs[i]
+		for _, list := range [][]TensorInfo{s.inputs, s.overridable} {
+			for i := range list {
+				if list[i].Name == t.Name {
+					info = &list[i]
+				}
 			}
 		}
 		if info == nil {
