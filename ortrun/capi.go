@@ -75,9 +75,12 @@ static OrtStatus *ortrun_create_session(const char *path, int intra, int inter,
 
 static void ortrun_release_session(OrtSession *s) { ortrun_api->ReleaseSession(s); }
 
-static OrtStatus *ortrun_io_count(OrtSession *s, int output, size_t *n) {
-	return output ? ortrun_api->SessionGetOutputCount(s, n)
-	              : ortrun_api->SessionGetInputCount(s, n);
+// kind: 0 inputs, 1 outputs, 2 overridable initializers (initializers that
+// are also graph inputs: fed like inputs, defaulting to their values).
+static OrtStatus *ortrun_io_count(OrtSession *s, int kind, size_t *n) {
+	return kind == 1 ? ortrun_api->SessionGetOutputCount(s, n)
+	     : kind == 2 ? ortrun_api->SessionGetOverridableInitializerCount(s, n)
+	                 : ortrun_api->SessionGetInputCount(s, n);
 }
 
 // Description of one graph input or output. All pointers are malloc'd and
@@ -103,19 +106,21 @@ static void ortrun_free_io(ortrun_io *io) {
 	memset(io, 0, sizeof *io);
 }
 
-static OrtStatus *ortrun_get_io(OrtSession *s, int output, size_t i, ortrun_io *io) {
+static OrtStatus *ortrun_get_io(OrtSession *s, int kind, size_t i, ortrun_io *io) {
 	memset(io, 0, sizeof *io);
 	char *name = NULL;
-	OrtStatus *st = output ? ortrun_api->SessionGetOutputName(s, i, ortrun_alloc, &name)
-	                       : ortrun_api->SessionGetInputName(s, i, ortrun_alloc, &name);
+	OrtStatus *st = kind == 1 ? ortrun_api->SessionGetOutputName(s, i, ortrun_alloc, &name)
+	              : kind == 2 ? ortrun_api->SessionGetOverridableInitializerName(s, i, ortrun_alloc, &name)
+	                          : ortrun_api->SessionGetInputName(s, i, ortrun_alloc, &name);
 	if (st) return st;
 	io->name = ortrun_dup(name);
 	OrtStatus *fst = ortrun_api->AllocatorFree(ortrun_alloc, name);
 	if (fst) ortrun_api->ReleaseStatus(fst);
 
 	OrtTypeInfo *ti = NULL;
-	st = output ? ortrun_api->SessionGetOutputTypeInfo(s, i, &ti)
-	            : ortrun_api->SessionGetInputTypeInfo(s, i, &ti);
+	st = kind == 1 ? ortrun_api->SessionGetOutputTypeInfo(s, i, &ti)
+	   : kind == 2 ? ortrun_api->SessionGetOverridableInitializerTypeInfo(s, i, &ti)
+	               : ortrun_api->SessionGetInputTypeInfo(s, i, &ti);
 	if (st) return st;
 	enum ONNXType ot = ONNX_TYPE_UNKNOWN;
 	st = ortrun_api->GetOnnxTypeFromTypeInfo(ti, &ot);
@@ -191,6 +196,32 @@ static OrtStatus *ortrun_run(OrtSession *s, const char *const *in_names,
 	return ortrun_api->Run(s, NULL, in_names, ins, n_in, out_names, n_out, outs);
 }
 
+// LoRA adapters (ORT >= 1.20). The allocator is NULL so the parameters stay
+// in CPU memory; CreateLoraAdapter memory-maps the file.
+static OrtStatus *ortrun_create_lora_adapter(const char *path, OrtLoraAdapter **out) {
+	return ortrun_api->CreateLoraAdapter(path, NULL, out);
+}
+
+static OrtStatus *ortrun_create_lora_adapter_bytes(const void *bytes, size_t n, OrtLoraAdapter **out) {
+	return ortrun_api->CreateLoraAdapterFromArray(bytes, n, NULL, out);
+}
+
+static void ortrun_release_lora_adapter(OrtLoraAdapter *a) { if (a) ortrun_api->ReleaseLoraAdapter(a); }
+
+// Run with the given adapters active, through run options made for this
+// call only, so concurrent runs can use different adapters.
+static OrtStatus *ortrun_run_adapters(OrtSession *s, OrtLoraAdapter *const *adapters,
+		size_t n_adapters, const char *const *in_names, const OrtValue *const *ins,
+		size_t n_in, const char *const *out_names, size_t n_out, OrtValue **outs) {
+	OrtRunOptions *ro = NULL;
+	OrtStatus *st = ortrun_api->CreateRunOptions(&ro);
+	for (size_t i = 0; !st && i < n_adapters; i++)
+		st = ortrun_api->RunOptionsAddActiveLoraAdapter(ro, adapters[i]);
+	if (!st) st = ortrun_api->Run(s, ro, in_names, ins, n_in, out_names, n_out, outs);
+	if (ro) ortrun_api->ReleaseRunOptions(ro);
+	return st;
+}
+
 // Reads type, rank, byte size and data pointer of a tensor value. For
 // non-tensor values only onnx_type is set.
 static OrtStatus *ortrun_value_meta(const OrtValue *v, int *onnx_type, int *elem_type,
@@ -234,6 +265,7 @@ import (
 type (
 	cSession = C.OrtSession
 	cValue   = C.OrtValue
+	cAdapter = C.OrtLoraAdapter
 )
 
 // statusErr converts an OrtStatus into an error and releases it.
@@ -271,11 +303,8 @@ func cCreateSession(path string, intra, inter, optLevel int) (*cSession, error) 
 func cReleaseSession(s *cSession) { C.ortrun_release_session(s) }
 
 // cSessionIO lists the inputs (output=false) or outputs of a session.
-func cSessionIO(s *cSession, output bool) ([]ioInfo, error) {
-	flag := C.int(0)
-	if output {
-		flag = 1
-	}
+func cSessionIO(s *cSession, kind ioKind) ([]ioInfo, error) {
+	flag := C.int(kind)
 	var n C.size_t
 	if err := statusErr(C.ortrun_io_count(s, flag, &n)); err != nil {
 		return nil, err
@@ -384,4 +413,50 @@ func freeCStrings(ps []*C.char) {
 	for _, p := range ps {
 		C.free(unsafe.Pointer(p))
 	}
+}
+
+// cCreateAdapter loads an .onnx_adapter file with ORT's own reader.
+func cCreateAdapter(path string) (*cAdapter, error) {
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	var a *C.OrtLoraAdapter
+	if err := statusErr(C.ortrun_create_lora_adapter(cpath, &a)); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// cCreateAdapterFromBytes makes an adapter from a buffer, which ORT copies.
+func cCreateAdapterFromBytes(buf []byte) (*cAdapter, error) {
+	var p unsafe.Pointer
+	if len(buf) > 0 {
+		p = unsafe.Pointer(&buf[0])
+	}
+	var a *C.OrtLoraAdapter
+	if err := statusErr(C.ortrun_create_lora_adapter_bytes(p, C.size_t(len(buf)), &a)); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func cReleaseAdapter(a *cAdapter) { C.ortrun_release_lora_adapter(a) }
+
+// cRunAdapters is cRun with adapters active for this run.
+func cRunAdapters(s *cSession, adapters []*cAdapter, inNames []string, ins []*cValue, outNames []string, outs []*cValue) error {
+	cIn, cOut := cStrings(inNames), cStrings(outNames)
+	defer freeCStrings(cIn)
+	defer freeCStrings(cOut)
+	var inNamesPtr, outNamesPtr **C.char
+	var insPtr, outsPtr **C.OrtValue
+	var adPtr **C.OrtLoraAdapter
+	if len(ins) > 0 {
+		inNamesPtr, insPtr = &cIn[0], &ins[0]
+	}
+	if len(outs) > 0 {
+		outNamesPtr, outsPtr = &cOut[0], &outs[0]
+	}
+	if len(adapters) > 0 {
+		adPtr = &adapters[0]
+	}
+	return statusErr(C.ortrun_run_adapters(s, adPtr, C.size_t(len(adapters)), inNamesPtr, insPtr, C.size_t(len(ins)), outNamesPtr, C.size_t(len(outs)), outsPtr))
 }
