@@ -18,6 +18,7 @@ Outputs (next to this script; re-running gives identical bytes):
                           "<module>.lora_B.weight" [r_i, out] as graph inputs whose
                           initializer defaults have rank 0 ([in,0], [0,out]), IR 8,
                           scaling folded into B as Olive and onnxruntime-genai do
+  base.onnx               the same two MatMuls without LoRA
   adapter1.onnx_adapter   rank 4 on both modules (float32)
   adapter2.onnx_adapter   ranks 2 and 3 (float32)
   mixed.onnx_adapter      FLOAT16/BFLOAT16/DOUBLE/INT64/UINT8 params, a scalar and
@@ -141,7 +142,9 @@ def write(path, data):
 
 
 def make_model(rng):
+    """Returns the adapter-input model and the same model without LoRA."""
     inits, inputs, nodes = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])], []
+    base_nodes = []
     cur = "x"
     for i, (mod, fin, fout) in enumerate(MODULES):
         w = f32(rng.standard_normal((fin, fout)))
@@ -160,13 +163,17 @@ def make_model(rng):
             helper.make_node("MatMul", [scope + "/lora_a", bn], [scope + "/lora_b"], name=scope + "/lora/MatMul_B"),
             helper.make_node("Add", [scope + "/base", scope + "/lora_b"], [out], name=scope + "/lora/Add"),
         ]
+        base_nodes.append(helper.make_node("MatMul", [cur, wname], [out], name=scope + "/MatMul"))
         cur = out
-    g = helper.make_graph(nodes, "lora_inputs", inputs,
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="generate.py")
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m.SerializeToString()
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])]
+    models = []
+    for g in (helper.make_graph(nodes, "lora_inputs", inputs, outputs, inits),
+              helper.make_graph(base_nodes, "base", inputs[:1], outputs, inits[0::3])):
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="generate.py")
+        m.ir_version = 8
+        onnx.checker.check_model(m)
+        models.append(m.SerializeToString())
+    return models
 
 
 # ---------------------------------------------------------------- PEFT
@@ -230,7 +237,9 @@ def main():
             print(json.dumps(read_adapter(f.read()), indent=1))
         return
     rng = np.random.RandomState(20241)
-    write("lora-inputs.onnx", make_model(rng))
+    lora_model, base_model = make_model(rng)
+    write("lora-inputs.onnx", lora_model)
+    write("base.onnx", base_model)
     files = {
         "adapter1.onnx_adapter": build_adapter(lora_params([4, 4], rng)),
         "adapter2.onnx_adapter": build_adapter(lora_params([2, 3], rng)),
