@@ -165,114 +165,65 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 		Graph: graphName(g),
 	}
 	r := int64(rank)
-	aVals := initA(l.Module, l.In, r, cfg)
-	tA, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, aVals)
+	// The description says what the branch is; this says what its params
+	// hold: A drawn from the adapter's stream, B zero, the scaling, and
+	// the dropout ratio (an input from opset 12, an attribute before).
+	param := func(p *branchParam, seed string) (string, *onnxpb.AttributeProto, error) {
+		var t *onnxpb.TensorProto
+		var err error
+		switch p.Name {
+		case "A":
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, initA(l.Module, l.In, r, cfg))
+		case "B":
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_B.weight"), l.DType, []int64{r, l.Out}, make([]float64, r*l.Out))
+		case "S":
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), l.DType, nil, []float64{scaling})
+		case "ratio":
+			if m.Opset() < 12 {
+				return "", &onnxpb.AttributeProto{
+					Name: proto.String("ratio"), Type: onnxpb.AttributeProto_FLOAT.Enum(), F: proto.Float32(float32(cfg.Dropout)),
+				}, nil
+			}
+			t, err = graph.NewFloatTensor(g.UniqueName(seed+"_dropout_ratio"), graph.Float, nil, []float64{cfg.Dropout})
+		default:
+			return "", nil, fmt.Errorf("no value for branch param %s", p.Name)
+		}
+		if err != nil {
+			return "", nil, err
+		}
+		addInitializer(m, g, t)
+		return t.GetName(), nil, nil
+	}
+	built, err := loraBranch.build(branchBuilder{
+		G: g, Base: n, Prefix: nodePrefix(n.GetName(), l.Module) + "/lora/", Param: param,
+		Has: func(p presence) bool { return p == whenDropout && cfg.Dropout > 0 },
+	})
 	if err != nil {
 		return nil, err
 	}
-	tB, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_B.weight"), l.DType, []int64{r, l.Out}, make([]float64, r*l.Out))
-	if err != nil {
-		return nil, err
-	}
-	tS, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), l.DType, nil, []float64{scaling})
-	if err != nil {
-		return nil, err
-	}
-	for _, ti := range []*onnxpb.TensorProto{tA, tB, tS} {
-		addInitializer(m, g, ti)
-	}
-	a.LoraA, a.LoraB, a.ScalingTensor = tA.GetName(), tB.GetName(), tS.GetName()
-
-	prefix := nodePrefix(n.GetName(), l.Module) + "/lora/"
-	var nodes []*onnxpb.NodeProto
-	add := func(op, name string, inputs []string, attrs ...*onnxpb.AttributeProto) string {
-		nodeName := g.UniqueName(prefix + name)
-		out := g.UniqueName(nodeName + "_output_0")
-		nodes = append(nodes, &onnxpb.NodeProto{
-			Name: proto.String(nodeName), OpType: proto.String(op),
-			Input: inputs, Output: []string{out}, Attribute: attrs,
-		})
-		return out
-	}
-	x := n.Input[0]
-	if l.TransA {
-		x = add("Transpose", "Transpose_A", []string{x}, intsAttr("perm", 1, 0))
-	}
-	if cfg.Dropout > 0 {
-		x, a.DropoutRatio = addDropout(m, g, add, x, cfg.Dropout)
-	}
-	xa := add("MatMul", "MatMul_A", []string{x, tA.GetName()})
-	xab := add("MatMul", "MatMul_B", []string{xa, tB.GetName()})
-	delta := add("Mul", "Mul_scaling", []string{xab, tS.GetName()})
-
+	a.LoraA, a.LoraB, a.ScalingTensor, a.DropoutRatio = built.Params["A"], built.Params["B"], built.Params["S"], built.Params["ratio"]
 	// The base node's output moves to a new name; the Add takes the old one.
-	a.Output = n.Output[0]
-	a.BaseOutput = g.UniqueName(prefix + "base_output_0")
-	addName := g.UniqueName(prefix + "Add")
-	addNode := &onnxpb.NodeProto{
-		Name: proto.String(addName), OpType: proto.String("Add"),
-		Input: []string{a.BaseOutput, delta}, Output: []string{a.Output},
-	}
+	a.Output, a.BaseOutput = built.Output, built.BaseOutput
 	g.SetOutput(n, 0, a.BaseOutput)
-	nodes = append(nodes, addNode)
-	if err := g.InsertNodesAfter(n, nodes...); err != nil {
+	if err := g.InsertNodesAfter(n, built.Nodes...); err != nil {
 		return nil, err
 	}
-	for _, bn := range nodes {
+	for _, bn := range built.Nodes {
 		a.Nodes = append(a.Nodes, bn.GetName())
 	}
-	describeBranch(g, nodes, n.Input[0], a, r, l.DType)
+	loraBranch.describe(g, built, n.Input[0], map[string]int64{"r": r}, l.DType)
 	return a, nil
 }
 
-// describeBranch adds value_info for the branch's values when the layer's
-// input and output have known shapes, so Netron shows shapes on the new
-// edges and shape inference has less to do. Merge removes them again.
-func describeBranch(g *graph.Graph, nodes []*onnxpb.NodeProto, x string, a *Adapter, r int64, dt graph.DataType) {
-	xType, yType := tensorType(g, x), tensorType(g, a.Output)
-	add := func(name string, t *onnxpb.TypeProto_Tensor) {
-		if t == nil {
-			return
-		}
-		t = proto.Clone(t).(*onnxpb.TypeProto_Tensor)
-		t.ElemType = proto.Int32(int32(dt))
-		g.Proto.ValueInfo = append(g.Proto.ValueInfo, &onnxpb.ValueInfoProto{
-			Name: proto.String(name), Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{TensorType: t}},
-		})
+// withLastDim returns t with its last axis of size d, or nil when t has
+// no known shape.
+func withLastDim(t *onnxpb.TypeProto_Tensor, d int64) *onnxpb.TypeProto_Tensor {
+	if t == nil || t.Shape == nil || len(t.Shape.Dim) == 0 {
+		return nil
 	}
-	withLastDim := func(t *onnxpb.TypeProto_Tensor, d int64) *onnxpb.TypeProto_Tensor {
-		if t == nil || t.Shape == nil || len(t.Shape.Dim) == 0 {
-			return nil
-		}
-		t = proto.Clone(t).(*onnxpb.TypeProto_Tensor)
-		t.Shape.Dim[len(t.Shape.Dim)-1] = &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: d}}
-		return t
-	}
-	for _, bn := range nodes {
-		out := bn.Output[0]
-		switch bn.GetOpType() {
-		case "Transpose": // Gemm's transA: the branch reads x transposed
-			if xType == nil || xType.Shape == nil || len(xType.Shape.Dim) != 2 {
-				xType = nil
-				continue
-			}
-			xType = proto.Clone(xType).(*onnxpb.TypeProto_Tensor)
-			d := xType.Shape.Dim
-			d[0], d[1] = d[1], d[0]
-			add(out, xType)
-		case "Dropout":
-			add(out, xType)
-		case "MatMul":
-			if bn.Input[1] == a.LoraA {
-				add(out, withLastDim(xType, r))
-			} else {
-				add(out, yType)
-			}
-		case "Mul":
-			add(out, yType)
-		}
-	}
-	add(a.BaseOutput, yType)
+	t = proto.Clone(t).(*onnxpb.TypeProto_Tensor)
+	t.Shape.Dim[len(t.Shape.Dim)-1] = &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: d}}
+	return t
 }
 
 // tensorType returns the declared tensor type of a value of g (value_info,
@@ -286,20 +237,6 @@ func tensorType(g *graph.Graph, name string) *onnxpb.TypeProto_Tensor {
 		}
 	}
 	return nil
-}
-
-// addDropout puts a Dropout on the branch input. From opset 12 the ratio is
-// an input; before that it is an attribute.
-// It returns the branch value after dropout and the ratio initializer, if any.
-func addDropout(m *graph.Model, g *graph.Graph, add func(string, string, []string, ...*onnxpb.AttributeProto) string, x string, p float64) (string, string) {
-	if m.Opset() >= 12 {
-		ratio, _ := graph.NewFloatTensor(g.UniqueName(x+"_dropout_ratio"), graph.Float, nil, []float64{p})
-		addInitializer(m, g, ratio)
-		return add("Dropout", "Dropout", []string{x, ratio.GetName()}), ratio.GetName()
-	}
-	return add("Dropout", "Dropout", []string{x}, &onnxpb.AttributeProto{
-		Name: proto.String("ratio"), Type: onnxpb.AttributeProto_FLOAT.Enum(), F: proto.Float32(float32(p)),
-	}), ""
 }
 
 // addInitializer adds a tensor to the graph. Before IR version 4 every
@@ -319,10 +256,6 @@ func addInitializer(m *graph.Model, g *graph.Graph, t *onnxpb.TensorProto) {
 			ElemType: proto.Int32(t.GetDataType()), Shape: &onnxpb.TensorShapeProto{Dim: dims},
 		}}},
 	})
-}
-
-func intsAttr(name string, vals ...int64) *onnxpb.AttributeProto {
-	return &onnxpb.AttributeProto{Name: proto.String(name), Type: onnxpb.AttributeProto_INTS.Enum(), Ints: vals}
 }
 
 // nodePrefix is the name scope the branch's nodes go under, so Netron

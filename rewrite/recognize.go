@@ -10,7 +10,8 @@ import (
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 )
 
-// branch is one LoRA branch found in a graph, in the shape Inject writes:
+// branch is one LoRA branch found in a graph, in the shape Inject writes
+// (loraBranch):
 //
 //	Output = Add(base(x), Mul(MatMul(MatMul(pre(x), A), B), S))
 //
@@ -19,31 +20,21 @@ import (
 // S are constants. Recognition is purely structural, so merge and export
 // still work on a model whose metadata (the manifest) was stripped.
 type branch struct {
-	Graph *graph.Graph
-	Base  *onnxpb.NodeProto // the adapted MatMul or Gemm
-	Layer *Layer            // Base as a layer (weight, orientation, alpha)
-	// Branch nodes, from the input side; Dropout and Transpose may be nil.
-	Transpose, Dropout, MatMulA, MatMulB, Mul, Add *onnxpb.NodeProto
+	*branchMatch
+	// Add is the root; Dropout is nil when the branch has none.
+	Add, Dropout *onnxpb.NodeProto
 	// A ([in, r]), B ([r, out]) and S (a scalar) are the constants' names.
 	A, B, S    string
 	TA, TB, TS *onnxpb.TensorProto
 	Rank       int
 	// Ratio is the Dropout's ratio input (opset >= 12), "" when absent.
 	Ratio string
-	// Output is the Add's output, the layer's original output name;
-	// BaseOutput is what the base node writes now.
-	Output, BaseOutput string
 }
 
 // nodes returns the branch's nodes, Add first: the order they are removed in.
 func (b *branch) nodes() []*onnxpb.NodeProto {
-	ns := []*onnxpb.NodeProto{b.Add, b.Mul, b.MatMulB, b.MatMulA}
-	if b.Dropout != nil {
-		ns = append(ns, b.Dropout)
-	}
-	if b.Transpose != nil {
-		ns = append(ns, b.Transpose)
-	}
+	ns := slices.Clone(b.Nodes)
+	slices.Reverse(ns)
 	return ns
 }
 
@@ -51,9 +42,10 @@ func (b *branch) nodes() []*onnxpb.NodeProto {
 // included), in graph order.
 func findBranches(top *graph.Graph) []*branch {
 	var found []*branch
+	root := loraBranch.root().Op
 	top.Walk(func(g *graph.Graph) {
 		for _, n := range g.Proto.Node {
-			if n.GetOpType() != "Add" || !graph.IsStandardOp(n) {
+			if n.GetOpType() != root || !graph.IsStandardOp(n) {
 				continue
 			}
 			if b, _ := recognizeAt(g, n); b != nil {
@@ -68,143 +60,15 @@ func findBranches(top *graph.Graph) []*branch {
 // returns the branch, or the reason it is not one (for error messages when
 // a manifest says it should be).
 func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
-	if add.GetOpType() != "Add" || !graph.IsStandardOp(add) || len(add.Input) != 2 || len(add.Output) != 1 {
-		return nil, "not a two-input Add"
+	bm, why := loraBranch.match(g, add)
+	if bm == nil {
+		return nil, why
 	}
-	reason := "neither Add input is a Mul of the adapter path"
-	for i := 0; i < 2; i++ {
-		b, why := recognizeOrder(g, add, add.Input[i], add.Input[1-i])
-		if b != nil {
-			return b, ""
-		}
-		if why != "" {
-			reason = why
-		}
-	}
-	return nil, reason
-}
-
-// recognizeOrder tries add = baseOut + deltaOut.
-func recognizeOrder(g *graph.Graph, add *onnxpb.NodeProto, deltaOut, baseOut string) (*branch, string) {
-	mul := g.Producer(deltaOut)
-	if mul == nil || mul.GetOpType() != "Mul" || !graph.IsStandardOp(mul) || len(mul.Input) != 2 {
-		return nil, ""
-	}
-	base := g.Producer(baseOut)
-	if base == nil || !graph.IsStandardOp(base) || (base.GetOpType() != "MatMul" && base.GetOpType() != "Gemm") || len(base.Output) == 0 || base.Output[0] != baseOut {
-		return nil, ""
-	}
-	b := &branch{Graph: g, Base: base, Add: add, Mul: mul, Output: add.Output[0], BaseOutput: baseOut}
-	// Mul(MatMul_B output, S) in either order.
-	for j := 0; j < 2; j++ {
-		if p := g.Producer(mul.Input[j]); p != nil && p.GetOpType() == "MatMul" && graph.IsStandardOp(p) {
-			if t := scalarConstant(g, mul.Input[1-j]); t != nil {
-				b.MatMulB, b.S, b.TS = p, mul.Input[1-j], t
-				break
-			}
-		}
-	}
-	if b.MatMulB == nil {
-		return nil, "the Mul does not multiply a MatMul by a constant scalar"
-	}
-	mb := b.MatMulB
-	if len(mb.Input) != 2 {
-		return nil, "MatMul_B does not have two inputs"
-	}
-	b.MatMulA = g.Producer(mb.Input[0])
-	if b.MatMulA == nil || b.MatMulA.GetOpType() != "MatMul" || !graph.IsStandardOp(b.MatMulA) || len(b.MatMulA.Input) != 2 {
-		return nil, "MatMul_B's input is not a MatMul (the A side)"
-	}
-	b.B, b.TB = mb.Input[1], constant2D(g, mb.Input[1])
-	b.A, b.TA = b.MatMulA.Input[1], constant2D(g, b.MatMulA.Input[1])
-	if b.TA == nil || b.TB == nil {
-		return nil, "lora_A or lora_B is not a constant 2-D float tensor"
-	}
-	// The input side: x, Dropout(x), Transpose(x) or Dropout(Transpose(x)).
-	x := base.Input[0]
-	in := b.MatMulA.Input[0]
-	if in != x {
-		p := g.Producer(in)
-		if p != nil && p.GetOpType() == "Dropout" && graph.IsStandardOp(p) && len(p.Input) >= 1 {
-			b.Dropout = p
-			if len(p.Input) >= 2 {
-				b.Ratio = p.Input[1]
-			}
-			in = p.Input[0]
-		}
-	}
-	if in != x {
-		p := g.Producer(in)
-		if p != nil && p.GetOpType() == "Transpose" && graph.IsStandardOp(p) && len(p.Input) == 1 && isSwap(p) {
-			b.Transpose = p
-			in = p.Input[0]
-		}
-	}
-	if in != x {
-		return nil, "the adapter path does not read the base layer's input"
-	}
-	transA := base.GetOpType() == "Gemm" && graph.AttrInt(base, "transA", 0) != 0
-	if transA != (b.Transpose != nil) {
-		return nil, "the adapter path's Transpose does not match the Gemm's transA"
-	}
-	l, why := layerOf(g, base)
-	if l == nil {
-		return nil, "the base node is not an adaptable layer: " + why
-	}
-	b.Layer = l
-	if l.Weight.Name == b.A || l.Weight.Name == b.B {
-		return nil, "the base weight is one of the adapter's factors"
-	}
-	da, db := b.TA.Dims, b.TB.Dims
-	if da[0] != l.In || db[1] != l.Out || da[1] != db[0] || da[1] <= 0 {
-		return nil, fmt.Sprintf("lora_A %v and lora_B %v do not fit a [%d, %d] layer", da, db, l.In, l.Out)
-	}
-	b.Rank = int(da[1])
-	// Every intermediate value must feed only the next branch node, or
-	// removing the branch would break another reader.
-	private := []struct {
-		value string
-		next  *onnxpb.NodeProto
-	}{{baseOut, add}, {deltaOut, add}, {mb.Output[0], mul}, {b.MatMulA.Output[0], mb}}
-	if b.Dropout != nil {
-		private = append(private, struct {
-			value string
-			next  *onnxpb.NodeProto
-		}{b.Dropout.Output[0], b.MatMulA})
-		for _, extra := range b.Dropout.Output[1:] {
-			if extra != "" && (len(g.Consumers(extra)) > 0 || g.IsGraphOutput(extra)) {
-				return nil, "the Dropout's mask output is used"
-			}
-		}
-	}
-	if b.Transpose != nil {
-		next := b.MatMulA
-		if b.Dropout != nil {
-			next = b.Dropout
-		}
-		private = append(private, struct {
-			value string
-			next  *onnxpb.NodeProto
-		}{b.Transpose.Output[0], next})
-	}
-	for _, p := range private {
-		cs := g.Consumers(p.value)
-		if g.IsGraphOutput(p.value) || len(cs) != 1 || cs[0] != p.next {
-			return nil, fmt.Sprintf("value %q has readers outside the adapter branch", p.value)
-		}
-	}
-	for _, n := range []*onnxpb.NodeProto{add, mul, mb, b.MatMulA} {
-		if len(n.Output) != 1 {
-			return nil, fmt.Sprintf("node %s has %d outputs", nodeDisplayName(n), len(n.Output))
-		}
-	}
-	return b, ""
-}
-
-// isSwap reports whether a Transpose swaps the two axes of a matrix.
-func isSwap(n *onnxpb.NodeProto) bool {
-	perm := graph.AttrInts(n, "perm")
-	return len(perm) == 2 && perm[0] == 1 && perm[1] == 0
+	return &branch{
+		branchMatch: bm, Add: bm.node("Add"), Dropout: bm.node("Dropout"),
+		A: bm.Params["A"], B: bm.Params["B"], S: bm.Params["S"], Ratio: bm.Params["ratio"],
+		TA: bm.Tensors["A"], TB: bm.Tensors["B"], TS: bm.Tensors["S"], Rank: int(bm.Dims["r"]),
+	}, ""
 }
 
 // scalarConstant returns the constant float tensor behind name when it
