@@ -13,6 +13,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // File names inside a PEFT adapter directory.
@@ -584,19 +586,22 @@ func WritePEFTAdapter(dir string, config *PEFTConfig, modules []PEFTModule) erro
 	if err := json.Indent(&indented, cfgJSON, "", "  "); err != nil {
 		return fail("%v", err)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	// PEFT marks its safetensors files with format "pt"; transformers checks it.
+	meta := map[string]string{"format": "pt"}
+	if _, _, err := buildHeader(tensors, meta); err != nil {
+		return fail("%s: %v", PEFTWeightsFile, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(filepath.Clean(dir)), 0o755); err != nil {
 		return fail("%v", unwrapPathError(err))
 	}
-	// PEFT marks its safetensors files with format "pt"; transformers checks it.
-	if err := WriteSafetensors(filepath.Join(dir, PEFTWeightsFile), tensors, map[string]string{"format": "pt"}); err != nil {
-		return err
-	}
-	cpath := filepath.Join(dir, PEFTConfigFile)
-	if err := writeFileAtomic(cpath, func(w io.Writer) error {
-		_, err := w.Write(indented.Bytes())
-		return err
-	}); err != nil {
-		return fmt.Errorf("peft config %s: %v", cpath, err)
+	// The config and the weights change together: a reader never sees the
+	// new config with the old weights.
+	err = graph.WriteDirAtomic(dir, []graph.DirFile{
+		{Name: PEFTWeightsFile, Write: func(w io.Writer) error { return WriteSafetensorsTo(w, tensors, meta) }},
+		{Name: PEFTConfigFile, Write: func(w io.Writer) error { _, err := w.Write(indented.Bytes()); return err }},
+	})
+	if err != nil {
+		return fmt.Errorf("peft adapter: %w", err)
 	}
 	return nil
 }

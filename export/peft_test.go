@@ -466,3 +466,36 @@ func FuzzPEFTConfig(f *testing.F) {
 		}
 	})
 }
+
+// TestWritePEFTAdapterReplacesTogether writes an adapter over an earlier one
+// in a folder that also holds the user's files: both adapter files are the
+// new ones, the user's files stay, and nothing is left beside the folder.
+func TestWritePEFTAdapterReplacesTogether(t *testing.T) {
+	parent := t.TempDir()
+	dir := filepath.Join(parent, "a")
+	mods := testModules()
+	if err := WritePEFTAdapter(dir, NewPEFTConfig(2, 4), mods); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "README.md"), []byte("notes"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mods[0].A[0] += 1
+	if err := WritePEFTAdapter(dir, NewPEFTConfig(2, 8), mods); err != nil {
+		t.Fatal(err)
+	}
+	cfg, got, err := ReadPEFTAdapter(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.LoraAlpha != 8 || got[0].A[0] != mods[0].A[0] {
+		t.Errorf("alpha %v, A[0] %v: not the second adapter", cfg.LoraAlpha, got[0].A[0])
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "README.md")); err != nil || string(b) != "notes" {
+		t.Errorf("the user's README: %q, %v", b, err)
+	}
+	entries, _ := os.ReadDir(parent)
+	if len(entries) != 1 {
+		t.Errorf("beside the adapter folder: %v", entries)
+	}
+}

@@ -1,7 +1,6 @@
 package export
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
@@ -11,7 +10,6 @@ import (
 	"math"
 	"math/bits"
 	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"unicode/utf8"
@@ -816,45 +814,14 @@ func writeJSONString(b *bytes.Buffer, s string) {
 	b.WriteByte('"')
 }
 
-// writeFileAtomic writes path via a temporary file in the same folder, so a
-// reader never sees a partial file and a failed write leaves nothing behind.
-func writeFileAtomic(path string, write func(io.Writer) error) (err error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return unwrapPathError(err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
+// writeFileAtomic is graph.WriteFileAtomic returning the bare cause of a
+// failure, for callers that name the file in their own way.
+func writeFileAtomic(path string, write func(io.Writer) error) error {
+	if err := graph.WriteFileAtomic(path, write); err != nil {
+		if cause := errors.Unwrap(err); cause != nil {
+			return cause
 		}
-	}()
-	bw := bufio.NewWriterSize(tmp, 1<<20)
-	if err = write(bw); err != nil {
 		return err
-	}
-	if err = bw.Flush(); err != nil {
-		return err
-	}
-	// CreateTemp makes the file 0600; adapters are ordinary data files.
-	if err = tmp.Chmod(0o644); err != nil {
-		return err
-	}
-	if err = tmp.Sync(); err != nil {
-		return err
-	}
-	if err = tmp.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return unwrapPathError(err)
-	}
-	// Sync the folder so the rename itself survives a crash; some file
-	// systems refuse to sync a directory, which is not worth failing for.
-	if d, derr := os.Open(dir); derr == nil {
-		d.Sync()
-		d.Close()
 	}
 	return nil
 }
