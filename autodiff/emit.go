@@ -153,7 +153,11 @@ func tensorOf(dt graph.DataType, dims []int64, vals []float64) *onnxpb.TensorPro
 		case graph.BFloat16:
 			binary.LittleEndian.PutUint16(b, graph.BFloat16Bits(v))
 		case graph.Int64:
-			binary.LittleEndian.PutUint64(b, uint64(int64(v)))
+			i := int64(math.MaxInt64) // float64(MaxInt64) rounds up to 2^63
+			if v < math.Ldexp(1, 63) {
+				i = int64(v)
+			}
+			binary.LittleEndian.PutUint64(b, uint64(i))
 		case graph.Int32:
 			binary.LittleEndian.PutUint32(b, uint32(int32(v)))
 		case graph.Bool:

@@ -68,23 +68,33 @@ func (e *emitter) classDims(out string, wantRank ...int) ([]dim, error) {
 	return nil, fmt.Errorf("output has rank %d, want %v", len(s), wantRank)
 }
 
-// classLoss is the mean cross-entropy of scores [N, C] against labels [N]
-// (ignore_index -100), through SoftmaxCrossEntropyLoss (opset 12).
-func (e *emitter) classLoss(scores, labels string) (string, error) {
-	if e.opset < 12 {
-		return "", fmt.Errorf("class losses need opset 12 or later (SoftmaxCrossEntropyLoss); the model has %d", e.opset)
+// classLoss is the mean cross-entropy of scores [.., C] against labels
+// [..], skipping labels equal to IgnoreIndex, as torch's cross_entropy
+// computes it: -Σ valid·log_softmax(scores)[label] / Σ valid. It is written
+// with plain ops (LogSoftmax, a one-hot product, sums), all of which have
+// gradient rules, so the loss needs no opset beyond the model's.
+func (e *emitter) classLoss(scores, labels string) string {
+	dt := e.ti.elem[scores]
+	// [.., C] -> [N, C] with Flatten, which shape inference follows (a
+	// Reshape to a computed shape would leave the rank unknown).
+	axis := int64(-1)
+	if e.opset < 11 {
+		axis = int64(e.ti.rank(scores) - 1)
 	}
-	c := e.ti.elem[scores]
-	// [.., C] -> [N, C]; labels [..] -> [N]
-	lastDim := e.slice1(e.shape(scores), e.ints(-1), e.ints(math.MaxInt64), 0)
-	flat := e.reshape(scores, e.op("Concat", []string{e.ints(-1), lastDim}, intAttr("axis", 0)))
+	flat := e.op("Flatten", []string{scores}, intAttr("axis", axis))
 	e.ti.shape[flat] = []dim{{value: -1}, {value: -1}}
 	lab := e.reshape(labels, e.ints(-1))
-	outs := e.node("SoftmaxCrossEntropyLoss", []string{flat, lab}, 1,
-		intAttr("ignore_index", IgnoreIndex), stringAttr("reduction", "mean"))
-	e.ti.elem[outs[0]] = c
-	e.ti.shape[outs[0]] = []dim{}
-	return outs[0], nil
+	ignored := e.op("Equal", []string{lab, e.scalar(graph.Int64, IgnoreIndex)})
+	safe := e.where(ignored, e.scalar(graph.Int64, 0), lab)
+	valid := e.cast(e.op("Not", []string{ignored}), dt)
+	logp := e.op("LogSoftmax", []string{flat}, intAttr("axis", 1))
+	depth := e.op("Gather", []string{e.shape(flat), e.scalar(graph.Int64, 1)})
+	picked := e.reduce("ReduceSum", e.mul(logp, e.oneHot(safe, depth, dt, -1)), []int64{1}, false)
+	total := e.reduce("ReduceSum", e.mul(picked, valid), nil, false)
+	count := e.reduce("ReduceSum", valid, nil, false)
+	loss := e.neg(e.div(total, count))
+	e.ti.shape[loss] = []dim{}
+	return loss
 }
 
 // causalLMLoss follows HuggingFace: logits[:, :-1] predict labels[:, 1:].
@@ -106,8 +116,7 @@ func causalLMLoss(e *emitter, out string) (string, graph.DataType, error) {
 	}
 	shifted := e.slice1(logits, e.ints(0), e.ints(-1), 1)
 	next := e.slice1(LabelsName, e.ints(1), e.ints(math.MaxInt64), 1)
-	loss, err := e.classLoss(shifted, next)
-	return loss, graph.Int64, err
+	return e.classLoss(shifted, next), graph.Int64, nil
 }
 
 // crossEntropyLoss takes class labels [b] for [b, C] outputs, [b, t] for
@@ -125,8 +134,7 @@ func crossEntropyLoss(e *emitter, out string) (string, graph.DataType, error) {
 		return "", 0, err
 	}
 	e.addLabels(graph.Int64, dims)
-	loss, err := e.classLoss(scores, LabelsName)
-	return loss, graph.Int64, err
+	return e.classLoss(scores, LabelsName), graph.Int64, nil
 }
 
 // mseLoss is the mean of (output - labels)² over every element; labels have

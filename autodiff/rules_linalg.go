@@ -54,14 +54,21 @@ func matmulGrad(c *ctx) error {
 		return nil
 	}
 	if c.need[0] {
-		if err := c.setReducedTo(0, c.matmul(gy, c.swapLast2(b))); err != nil {
+		if rb == 2 {
+			// b is not broadcast: gy·bᵀ has a's shape already.
+			c.set(0, c.matmul(gy, c.transpose(b, 1, 0)))
+		} else if err := c.setReducedTo(0, c.matmul(gy, c.swapLast2(b))); err != nil {
 			return err
 		}
 	}
 	if !c.need[1] {
 		return nil
 	}
-	if rb == 2 && ra != 2 {
+	if ra == 2 && rb == 2 {
+		c.set(1, c.matmul(c.transpose(a, 1, 0), gy))
+		return nil
+	}
+	if rb == 2 {
 		// A weight against batched activations: fold the batch dims into
 		// rows, one 2-D product instead of a batched one and a reduction.
 		k := c.slice1(c.shape(b), c.ints(0), c.ints(1), 0)
@@ -199,7 +206,7 @@ func softmaxCrossEntropyGrad(c *ctx) error {
 	scores, labels := c.x(0), c.x(1)
 	dt, lt := c.dt(), c.ti.elem[labels]
 	logp := c.output(1, dt)
-	depth := c.slice1(c.shape(scores), c.ints(1), c.ints(2), 0)
+	depth := c.op("Gather", []string{c.shape(scores), c.scalar(graph.Int64, 1)})
 	safe := labels
 	valid := c.op("Expand", []string{c.k(1), c.shape(labels)})
 	if a := graph.Attr(c.n, "ignore_index"); a != nil {

@@ -128,7 +128,7 @@ func gatherGrad(c *ctx) error {
 	}
 	// rows: [N] indices, [N, rest] gradients; grad = onehot(rows)[V, N] · g.
 	rows := c.reshape(c.cast(indices, graph.Int64), c.ints(-1))
-	depth := c.slice1(sd, c.ints(0), c.ints(1), 0)
+	depth := c.op("Gather", []string{sd, c.scalar(graph.Int64, 0)})
 	onehot := c.oneHot(rows, depth, c.dt(), 0) // [V, N]
 	var g2 string
 	if r := c.ti.rank(indices); r >= 0 {

@@ -113,3 +113,14 @@ func TestNormRules(t *testing.T) {
 		{name: "SkipSimplifiedLayerNormalization", op: "SkipSimplifiedLayerNormalization", domain: msDomain, dt: graph.Float, outs: 4, use: []int{0, 3}, attrs: []*onnxpb.AttributeProto{eps}, args: []arg{f(2, 3, 4), f(2, 3, 4), f(4), f(4)}},
 	})
 }
+
+func TestLossOpRules(t *testing.T) {
+	runCases(t, []fdCase{
+		{name: "SoftmaxCrossEntropyLoss/mean-ignore", op: "SoftmaxCrossEntropyLoss", dt: graph.Float,
+			attrs: []*onnxpb.AttributeProto{intAttr("ignore_index", -100)},
+			args:  []arg{f(4, 5), {ints: []int64{1, -100, 3, 0}, dims: []int64{4}}}},
+		{name: "SoftmaxCrossEntropyLoss/sum", op: "SoftmaxCrossEntropyLoss", dt: graph.Float,
+			attrs: []*onnxpb.AttributeProto{stringAttr("reduction", "sum")},
+			args:  []arg{f(3, 4), {ints: []int64{1, 2, 0}, dims: []int64{3}}}},
+	})
+}
