@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -203,7 +204,7 @@ func checkBranches(t *testing.T, m *graph.Model, man *Manifest) {
 			t.Errorf("%s: adapter names %q, %q", a.Module, a.LoraA, a.LoraB)
 		}
 		r := int64(a.Rank)
-		if !equalDims(tA.Dims, []int64{a.InFeatures, r}) || !equalDims(tB.Dims, []int64{r, a.OutFeatures}) {
+		if !slices.Equal(tA.Dims, []int64{a.InFeatures, r}) || !slices.Equal(tB.Dims, []int64{r, a.OutFeatures}) {
 			t.Errorf("%s: A %v, B %v for in=%d out=%d r=%d", a.Module, tA.Dims, tB.Dims, a.InFeatures, a.OutFeatures, r)
 		}
 		if graph.DataType(tA.GetDataType()).String() != a.DType || tB.GetDataType() != tA.GetDataType() {
@@ -239,18 +240,6 @@ func checkBranches(t *testing.T, m *graph.Model, man *Manifest) {
 			t.Errorf("%s: branch nodes %v", a.Module, a.Nodes)
 		}
 	}
-}
-
-func equalDims(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestInjectSharedWeightAdaptsOneUser(t *testing.T) {
