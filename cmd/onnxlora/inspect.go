@@ -51,12 +51,17 @@ the selected layers and their adapters as a Graphviz graph, one cluster per
 layer; --layer narrows it to module paths matching a regex.
 
 Only the protobuf is read, plus the adapters' A and B for their norms
-(--no-norms skips that); base weights in external data are never loaded.`,
+(--no-norms skips that); base weights in external data are never loaded.
+
+Given an ONNX Runtime adapter file (.onnx_adapter), inspect lists its
+parameters (shape, dtype, Frobenius norm) and its LoRA modules (rank, in,
+out, ‖A·B‖), in text or with --json.`,
 		Example: `  onnxlora inspect model.onnx
   onnxlora inspect model.onnx --target q_proj,v_proj --layers 0,1
   onnxlora inspect model.onnx --json | jq '.layers[].module'
   onnxlora inspect lora.onnx --dot --layer 'layers\.0\.' | dot -Tsvg > lora.svg
-  onnxlora inspect model.onnx --target all-linear --dot -o plan.dot`,
+  onnxlora inspect model.onnx --target all-linear --dot -o plan.dot
+  onnxlora inspect my-adapter.onnx_adapter --json`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -116,6 +121,9 @@ func (o *InspectOptions) validate(cmd *cobra.Command) error {
 }
 
 func runInspect(opts *InspectOptions) error {
+	if isOnnxAdapterFile(opts.Model) {
+		return runInspectAdapterFile(opts)
+	}
 	m, err := loadModel(opts.IO, opts.Model)
 	if err != nil {
 		return err
