@@ -276,11 +276,11 @@ func selectModules(found []*foundAdapter, only []string) (map[string]bool, error
 // addAdapter plans the merge of one branch: its weight update and the
 // removal of its nodes.
 func (p *plan) addAdapter(f *foundAdapter) error {
-	a, err := tensorFloats(p.m, f.TA)
+	a, err := p.m.Float64s(f.TA)
 	if err != nil {
 		return err
 	}
-	b, err := tensorFloats(p.m, f.TB)
+	b, err := p.m.Float64s(f.TB)
 	if err != nil {
 		return err
 	}
@@ -290,22 +290,6 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 	}
 	p.branches = append(p.branches, f.branch)
 	return nil
-}
-
-// tensorFloats decodes a float tensor like graph.Model.Float64s, with the
-// kernel's faster decoder (adapters of a large model add up to megabytes).
-func tensorFloats(m *graph.Model, t *onnxpb.TensorProto) ([]float64, error) {
-	dt := graph.DataType(t.GetDataType())
-	if !dt.IsFloat() {
-		return nil, fmt.Errorf("tensor %q: %v is not a floating-point type", t.GetName(), dt)
-	}
-	raw, err := m.RawData(t)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]float64, len(raw)/(dt.BitSize()/8))
-	decodeRow(dt, out, raw)
-	return out, nil
 }
 
 // addUpdate plans W += scaling·Scale/alpha · A·B for a layer, with A

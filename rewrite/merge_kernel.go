@@ -43,7 +43,7 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 			if sdt == ddt && fusedRow(sdt, drow, srow, acc, u.coef, &st) {
 				continue
 			}
-			decodeRow(sdt, w, srow)
+			graph.DecodeFloatsInto(sdt, w, srow)
 			coef := u.coef
 			for q, a := range acc {
 				// The conversion keeps the compiler from fusing the multiply
@@ -57,7 +57,7 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 				}
 				w[q] += d
 			}
-			encodeRow(ddt, drow, w)
+			graph.EncodeFloatsInto(ddt, drow, w)
 			st.nonFinite += countNonFinite(ddt, drow)
 		}
 	}
@@ -117,29 +117,29 @@ func fusedRow(dt graph.DataType, drow, srow []byte, acc []float64, coef float64,
 	maxAbs, changed, nonFinite := st.maxAbs, st.changed, st.nonFinite
 	switch dt {
 	case graph.Float16:
-		tab := float16Table()
 		srow, drow = srow[:2*len(acc)], drow[:2*len(acc)]
 		for q, a := range acc {
 			old := leU16(srow[2*q:])
 			// The conversion keeps the compiler from fusing the multiply
 			// into the add, so every platform rounds the same way.
 			d := float64(coef * a)
-			// A normal half widens to float32 by re-biasing the exponent; the
-			// table (too big for the cache to keep) is for the rest.
+			// graph.Float16Value and graph.Float16Bits with their fast
+			// paths written out (the calls are too big to inline); the
+			// other cases call them. Tests check the loop against them.
 			var wv float64
 			if e := old & 0x7c00; e != 0 && e != 0x7c00 {
 				wv = float64(math.Float32frombits(uint32(old&0x8000)<<16 | (uint32(old&0x7fff)+(127-15)<<10)<<13))
 			} else {
-				wv = tab[old]
+				wv = graph.Float16Value(old)
 			}
-			// float16Bits, its fast path written out (too big to inline).
-			nb := math.Float64bits(wv + d)
+			sum := wv + d
+			nb := math.Float64bits(sum)
 			var h uint16
 			if ax := nb &^ (1 << 63); ax-f16Lo < f16Hi-f16Lo {
 				ax += 1<<41 - 1 + (ax>>42)&1
 				h = uint16(nb>>48)&0x8000 | uint16(ax>>42-(1023-15)<<10)
 			} else {
-				h = float16BitsSlow(math.Float64frombits(nb))
+				h = graph.Float16Bits(sum)
 			}
 			putU16(drow[2*q:], h)
 			if ad := math.Abs(d); ad > maxAbs {
@@ -155,13 +155,14 @@ func fusedRow(dt graph.DataType, drow, srow []byte, acc []float64, coef float64,
 		for q, a := range acc {
 			old := leU16(srow[2*q:])
 			d := float64(coef * a)
-			nb := math.Float64bits(float64(math.Float32frombits(uint32(old)<<16)) + d)
+			sum := graph.BFloat16Value(old) + d
+			nb := math.Float64bits(sum)
 			var h uint16
-			if ax := nb &^ (1 << 63); ax-bf16Lo < bf16Hi-bf16Lo {
+			if ax := nb &^ (1 << 63); ax-bf16Lo < bf16Hi-bf16Lo { // graph.BFloat16Bits's fast path
 				ax += 1<<44 - 1 + (ax>>45)&1
 				h = uint16(nb>>48)&0x8000 | uint16(ax>>45-(1023-127)<<7)
 			} else {
-				h = bfloat16BitsSlow(math.Float64frombits(nb))
+				h = graph.BFloat16Bits(sum)
 			}
 			putU16(drow[2*q:], h)
 			if ad := math.Abs(d); ad > maxAbs {
@@ -192,76 +193,6 @@ func fusedRow(dt graph.DataType, drow, srow []byte, acc []float64, coef float64,
 	}
 	st.maxAbs, st.changed, st.nonFinite = maxAbs, changed, nonFinite
 	return true
-}
-
-// f16Table decodes every float16 bit pattern (built on first use).
-var (
-	f16Once  sync.Once
-	f16Table *[1 << 16]float64
-)
-
-func float16Table() *[1 << 16]float64 {
-	f16Once.Do(func() {
-		f16Table = new([1 << 16]float64)
-		for i := range f16Table {
-			f16Table[i] = graph.Float16Value(uint16(i))
-		}
-	})
-	return f16Table
-}
-
-// decodeRow decodes little-endian raw elements of dt into out.
-func decodeRow(dt graph.DataType, out []float64, raw []byte) {
-	switch dt {
-	case graph.Float:
-		raw = raw[:4*len(out)]
-		for q := range out {
-			out[q] = float64(math.Float32frombits(leU32(raw[4*q:])))
-		}
-	case graph.Float16:
-		tab := float16Table()
-		raw = raw[:2*len(out)]
-		for q := range out {
-			out[q] = tab[leU16(raw[2*q:])]
-		}
-	case graph.BFloat16:
-		raw = raw[:2*len(out)]
-		for q := range out {
-			out[q] = float64(math.Float32frombits(uint32(leU16(raw[2*q:])) << 16))
-		}
-	case graph.Double:
-		raw = raw[:8*len(out)]
-		for q := range out {
-			out[q] = math.Float64frombits(leU64(raw[8*q:]))
-		}
-	}
-}
-
-// encodeRow encodes vals as little-endian elements of dt, each rounded once
-// to nearest even (the same results as graph.EncodeFloats, faster).
-func encodeRow(dt graph.DataType, raw []byte, vals []float64) {
-	switch dt {
-	case graph.Float:
-		raw = raw[:4*len(vals)]
-		for q, v := range vals {
-			putU32(raw[4*q:], math.Float32bits(float32(v)))
-		}
-	case graph.Float16:
-		raw = raw[:2*len(vals)]
-		for q, v := range vals {
-			putU16(raw[2*q:], float16Bits(v))
-		}
-	case graph.BFloat16:
-		raw = raw[:2*len(vals)]
-		for q, v := range vals {
-			putU16(raw[2*q:], bfloat16Bits(v))
-		}
-	case graph.Double:
-		raw = raw[:8*len(vals)]
-		for q, v := range vals {
-			putU64(raw[8*q:], math.Float64bits(v))
-		}
-	}
 }
 
 // countNonFinite counts NaN and infinite elements of raw.
@@ -296,134 +227,15 @@ func countNonFinite(dt graph.DataType, raw []byte) int64 {
 	return n
 }
 
-// The float64 bit patterns bounding the fast paths of float16Bits and
-// bfloat16Bits: the smallest normal and the first power of two past the
-// largest finite value.
+// The float64 bit patterns bounding the fast paths of graph.Float16Bits and
+// graph.BFloat16Bits, written out in fusedRow: the smallest normal and the
+// first power of two past the largest finite value.
 const (
 	f16Lo  = 0x3f10000000000000 // 2^-14
 	f16Hi  = 0x40f0000000000000 // 2^16
 	bf16Lo = 0x3810000000000000 // 2^-126
 	bf16Hi = 0x47f0000000000000 // 2^128
 )
-
-// float16Bits rounds f to IEEE binary16 (nearest even) straight from
-// float64, bit for bit like graph.Float16Bits but without math.Frexp.
-func float16Bits(f float64) uint16 {
-	// Fast path, |f| in [2^-14, 2^16): round the float64 bits to 10
-	// mantissa bits, nearest even; a carry out of the mantissa bumps the
-	// exponent, and 2^16 comes out as infinity, as it should. Small enough
-	// to be inlined into the merge loop.
-	b := math.Float64bits(f)
-	if ax := b &^ (1 << 63); ax-f16Lo < f16Hi-f16Lo {
-		ax += 1<<41 - 1 + (ax>>42)&1
-		return uint16(b>>48)&0x8000 | uint16(ax>>42-(1023-15)<<10)
-	}
-	return float16BitsSlow(f)
-}
-
-// float16BitsSlow handles zeros, subnormals, overflow, Inf and NaN.
-func float16BitsSlow(f float64) uint16 {
-	b := math.Float64bits(f)
-	sign := uint16(b>>48) & 0x8000
-	exp := int(b>>52) & 0x7ff
-	mant := b & (1<<52 - 1)
-	if exp == 0x7ff {
-		if mant != 0 {
-			return sign | 0x7e00
-		}
-		return sign | 0x7c00
-	}
-	if exp == 0 { // float64 subnormals are far below half's range
-		return sign
-	}
-	e := exp - 1023
-	full := mant | 1<<52
-	if e >= -14 { // a normal half, unless rounding overflows
-		q := full >> 42
-		rem := full & (1<<42 - 1)
-		if rem > 1<<41 || (rem == 1<<41 && q&1 == 1) {
-			q++
-		}
-		if q == 2048 {
-			q = 1024
-			e++
-		}
-		if e > 15 {
-			return sign | 0x7c00
-		}
-		return sign | uint16(e+15)<<10 | uint16(q-1024)
-	}
-	// A half subnormal: value = q·2^-24, q = full·2^(e-52+24).
-	shift := uint(28 - e)
-	if shift > 60 {
-		return sign
-	}
-	q := full >> shift
-	rem := full & (1<<shift - 1)
-	half := uint64(1) << (shift - 1)
-	if rem > half || (rem == half && q&1 == 1) {
-		q++
-	}
-	return sign | uint16(q) // q = 1024 is the smallest normal, encoded alike
-}
-
-// bfloat16Bits rounds f to bfloat16 (nearest even) straight from float64,
-// bit for bit like graph.BFloat16Bits.
-func bfloat16Bits(f float64) uint16 {
-	// Fast path, |f| in [2^-126, 2^128), as in float16Bits.
-	b := math.Float64bits(f)
-	if ax := b &^ (1 << 63); ax-bf16Lo < bf16Hi-bf16Lo {
-		ax += 1<<44 - 1 + (ax>>45)&1
-		return uint16(b>>48)&0x8000 | uint16(ax>>45-(1023-127)<<7)
-	}
-	return bfloat16BitsSlow(f)
-}
-
-// bfloat16BitsSlow handles zeros, subnormals, overflow, Inf and NaN.
-func bfloat16BitsSlow(f float64) uint16 {
-	b := math.Float64bits(f)
-	sign := uint16(b>>48) & 0x8000
-	exp := int(b>>52) & 0x7ff
-	mant := b & (1<<52 - 1)
-	if exp == 0x7ff {
-		if mant != 0 {
-			return sign | 0x7fc0
-		}
-		return sign | 0x7f80
-	}
-	if exp == 0 {
-		return sign
-	}
-	e := exp - 1023
-	full := mant | 1<<52
-	if e >= -126 {
-		q := full >> 45
-		rem := full & (1<<45 - 1)
-		if rem > 1<<44 || (rem == 1<<44 && q&1 == 1) {
-			q++
-		}
-		if q == 256 {
-			q = 128
-			e++
-		}
-		if e > 127 {
-			return sign | 0x7f80
-		}
-		return sign | uint16(e+127)<<7 | uint16(q-128)
-	}
-	// A bfloat16 subnormal: value = q·2^-133, q = full·2^(e-52+133).
-	shift := uint(-81 - e)
-	if shift > 60 {
-		return sign
-	}
-	q := full >> shift
-	rem := full & (1<<shift - 1)
-	half := uint64(1) << (shift - 1)
-	if rem > half || (rem == half && q&1 == 1) {
-		q++
-	}
-	return sign | uint16(q)
-}
 
 // neq16 is 1 when a != b, else 0, without a branch.
 func neq16(a, b uint16) uint32 { return (uint32(a^b) + 0xffff) >> 16 }
