@@ -125,8 +125,8 @@ func TestOnnxAdapterRoundTrip(t *testing.T) {
 // Python accessors (generate.py --dump).
 func TestPythonReadsGoAdapter(t *testing.T) {
 	const python = "/usr/bin/python3"
-	if err := exec.Command(python, "-c", "import flatbuffers, numpy, onnx, torch").Run(); err != nil {
-		t.Skipf("skipping: %s with flatbuffers, numpy, onnx and torch is not available (apt-get install python3-flatbuffers): %v", python, err)
+	if err := exec.Command(python, "-c", "import flatbuffers").Run(); err != nil {
+		t.Skipf("skipping: %s with the flatbuffers package is not available (apt-get install python3-flatbuffers): %v", python, err)
 	}
 	for name, want := range readPyExpected(t) {
 		a, err := ReadOnnxAdapter(filepath.Join(adaptersDir, name))
