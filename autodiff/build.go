@@ -31,30 +31,30 @@ type Options struct {
 type Param struct {
 	// Name is the initializer, also a graph input of the step graph (the
 	// initializer is its default), so a runner feeds new values each step.
-	Name string
+	Name string `json:"name"`
 	// Grad is the output holding its gradient, Name + "_grad".
-	Grad string
+	Grad string `json:"grad"`
 	// DType and Dims are the parameter's, and so its gradient's.
-	DType graph.DataType
-	Dims  []int64
+	DType graph.DataType `json:"dtype"`
+	Dims  []int64        `json:"dims"`
 }
 
 // Step describes a step graph written by Build.
 type Step struct {
 	// Loss is the scalar loss output ("loss"): float32, or double for
 	// double models.
-	Loss string
+	Loss string `json:"loss"`
 	// Labels is the labels input ("labels").
-	Labels string
+	Labels string `json:"labels"`
 	// LabelsType is the labels' element type: INT64 for the class losses,
 	// the output's type for mse.
-	LabelsType graph.DataType
+	LabelsType graph.DataType `json:"labels_type"`
 	// Output is the model output the loss reads.
-	Output string
+	Output string `json:"output"`
 	// Params lists the trainable tensors in the order given.
-	Params []Param
+	Params []Param `json:"params"`
 	// Opset is the default-domain opset of the step graph.
-	Opset int64
+	Opset int64 `json:"opset"`
 }
 
 // Names of the step graph's fixed inputs and outputs (those ONNX Runtime

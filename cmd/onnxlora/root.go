@@ -137,6 +137,7 @@ and layers_to_transform carry over as flags.`,
 	root.AddCommand(
 		NewCmdInspect(f, nil),
 		NewCmdInject(f, nil),
+		NewCmdGrad(f, nil),
 		NewCmdMerge(f, nil),
 		NewCmdExportAdapter(f, nil),
 		NewCmdConvertAdapter(f, nil),
