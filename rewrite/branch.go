@@ -44,6 +44,9 @@ const (
 	paramAny    paramClass = iota // any value
 	paramMatrix                   // a constant 2-D float tensor
 	paramScalar                   // a constant float tensor of one element
+	// paramInput is a graph input, fed at run time (as ONNX Runtime's LoRA
+	// adapters feed A and B to an adapter-input model).
+	paramInput
 )
 
 func (c paramClass) String() string {
@@ -52,6 +55,8 @@ func (c paramClass) String() string {
 		return "a constant 2-D float tensor"
 	case paramScalar:
 		return "a constant float scalar"
+	case paramInput:
+		return "a graph input"
 	}
 	return "a value"
 }

@@ -238,7 +238,7 @@ func (m *matcher) operand(op operand, v, r string, next func() bool) bool {
 	if have, ok := m.param(p.Name); ok && have != v {
 		return m.fail("%s is read as both %q and %q", p.Label, have, v)
 	}
-	if paramTensor(m.g, p, v) == nil && p.Class != paramAny {
+	if !paramFits(m.g, p, v) {
 		return m.fail("%s reads %q, which is not %s (%s)", m.label(r), v, p.Class, p.Label)
 	}
 	m.params = append(m.params, binding{p.Name, v})
@@ -255,6 +255,28 @@ func paramTensor(g *graph.Graph, p *branchParam, v string) *onnxpb.TensorProto {
 		return scalarConstant(g, v)
 	}
 	return nil
+}
+
+// paramFits reports whether value v is of p's class.
+func paramFits(g *graph.Graph, p *branchParam, v string) bool {
+	switch p.Class {
+	case paramAny:
+		return true
+	case paramInput:
+		if t, _, _ := g.ConstantTensor(v); t != nil {
+			return false // an initializer listed as an input before IR 4
+		}
+		for s := g; s != nil; s = s.Parent {
+			if s.IsGraphInput(v) {
+				return true
+			}
+			if s.DefinesLocally(v) {
+				return false
+			}
+		}
+		return false
+	}
+	return paramTensor(g, p, v) != nil
 }
 
 // final checks a structural match against the layer and records it.
@@ -287,7 +309,7 @@ func (m *matcher) final() bool {
 		if t := paramTensor(g, m.k.param(b.name), b.value); t != nil {
 			bm.Tensors[b.name] = t
 		}
-		if m.k.param(b.name).Class == paramMatrix && b.value == l.Weight.Name {
+		if b.value == l.Weight.Name {
 			return m.fail("the base weight is one of the adapter's factors")
 		}
 	}

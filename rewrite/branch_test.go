@@ -368,3 +368,74 @@ info /fc/lora/Dropout_output_0 [2,4]
 		})
 	}
 }
+
+// TestNewBranchKind checks that a branch kind is data: a description the
+// code has never seen (adapter inputs, A and B fed as graph inputs and the
+// scaling folded into B) builds and matches with no new code, and neither
+// it nor the LoRA kind takes the other's branch.
+func TestNewBranchKind(t *testing.T) {
+	adapterInputs := &branchKind{
+		Name:    "adapter inputs",
+		BaseOps: []string{"MatMul"},
+		Params: []branchParam{
+			{Name: "A", Label: "lora_A", Class: paramInput},
+			{Name: "B", Label: "lora_B", Class: paramInput},
+		},
+		Nodes: []branchNode{
+			{Name: "MatMul_A", Op: "MatMul", In: []operand{theLayerInput, paramIn("A")}, Shape: shapeLastRank},
+			{Name: "MatMul_B", Op: "MatMul", In: []operand{nodeOut("MatMul_A"), paramIn("B")}, Shape: shapeLayerOut},
+			{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("MatMul_B")}, Commutes: true},
+		},
+	}
+	m := brLayerModel(t, 17, false)
+	g := m.Graph()
+	base := g.Proto.Node[0]
+	built, err := adapterInputs.build(branchBuilder{
+		G: g, Base: base, Prefix: "/fc/lora/",
+		Param: func(p *branchParam, seed string) (string, *onnxpb.AttributeProto, error) {
+			name := "fc.lora_" + p.Name + ".weight"
+			g.Proto.Input = append(g.Proto.Input, brVI(name))
+			return name, nil, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.SetOutput(base, 0, built.BaseOutput)
+	if err := g.InsertNodesAfter(base, built.Nodes...); err != nil {
+		t.Fatal(err)
+	}
+	g.Reindex() // the new graph inputs
+	want := `/fc/MatMul MatMul(x, fc.weight) -> /fc/lora/base_output_0
+/fc/lora/MatMul_A MatMul(x, fc.lora_A.weight) -> /fc/lora/MatMul_A_output_0
+/fc/lora/MatMul_B MatMul(/fc/lora/MatMul_A_output_0, fc.lora_B.weight) -> /fc/lora/MatMul_B_output_0
+/fc/lora/Add Add(/fc/lora/base_output_0, /fc/lora/MatMul_B_output_0) -> y
+init fc.weight
+`
+	if got := brRender(g.Proto); got != want {
+		t.Fatalf("built\n%s\nwant\n%s", got, want)
+	}
+	add := g.Producer("y")
+	bm, why := adapterInputs.match(g, add)
+	if bm == nil {
+		t.Fatalf("not matched: %s", why)
+	}
+	if brNames(bm.Nodes) != "/fc/lora/MatMul_A,/fc/lora/MatMul_B,/fc/lora/Add" || bm.Base != base ||
+		bm.Params["A"] != "fc.lora_A.weight" || bm.Params["B"] != "fc.lora_B.weight" || bm.BaseOutput != "/fc/lora/base_output_0" {
+		t.Errorf("matched %s, base %s, params %v", brNames(bm.Nodes), bm.Base.GetName(), bm.Params)
+	}
+	if b, _ := recognizeAt(g, add); b != nil {
+		t.Error("the LoRA kind took an adapter-input branch")
+	}
+	lora := graph.NewGraph(brGraph(t, brOpts{}))
+	if bm, _ := adapterInputs.match(lora, lora.Producer("y")); bm != nil {
+		t.Error("the adapter-input kind took a LoRA branch")
+	}
+	// A factor that is a constant is not an adapter input.
+	g.Proto.Initializer = append(g.Proto.Initializer, brFloat(t, "fc.lora_B.weight", []int64{2, 3}))
+	g.Proto.Input = g.Proto.Input[:len(g.Proto.Input)-1]
+	g.Reindex()
+	if bm, why := adapterInputs.match(g, add); bm != nil || !strings.Contains(why, "graph input") {
+		t.Errorf("constant B: matched %v, reason %q", bm != nil, why)
+	}
+}
