@@ -2,10 +2,8 @@ package rewrite
 
 import (
 	"fmt"
-	"io"
 	"math"
 	"os"
-	"path/filepath"
 	"sort"
 	"sync"
 
@@ -67,7 +65,6 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Dir(path)
 
 	// Where everything is read from, captured before the graph changes.
 	refs := map[*onnxpb.TensorProto]*graph.ExternalRef{}
@@ -89,6 +86,12 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	if err := p.m.CheckOutputs(path, dataPath); err != nil {
 		return nil, err
 	}
+	// The writer learns the inputs now, before the graph changes.
+	pw, err := p.m.NewPairWriter(path, opts.DataFile)
+	if err != nil {
+		return nil, err
+	}
+	defer pw.Abort()
 	sources := map[*update]streamSource{}
 	for _, u := range p.updates {
 		if ref := refs[u.src]; ref != nil {
@@ -167,16 +170,6 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		u.stats = mergeRows(u.out, src, u, 0, u.rows, make([]float64, 2*u.cols))
 	}
 
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(dataPath)+".tmp*")
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	defer func() {
-		tmp.Close()
-		if err != nil {
-			os.Remove(tmp.Name())
-		}
-	}()
 	files := &fileSet{files: map[string]*os.File{}}
 	defer files.close()
 	// The biggest tensors go first, so the workers finish together.
@@ -187,7 +180,7 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	sort.SliceStable(order, func(a, b int) bool { return jobs[order[a]].size > jobs[order[b]].size })
 	err = parallel(len(jobs), func(i int) error {
 		j := jobs[order[i]]
-		if err := p.runJob(j, tmp, files, sources); err != nil {
+		if err := p.runJob(j, pw.Data, files, sources); err != nil {
 			return fmt.Errorf("%s: tensor %q: %w", path, j.t.GetName(), err)
 		}
 		if u := j.upd; u != nil && p.opts.Safe && u.stats.nonFinite > 0 {
@@ -207,10 +200,7 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		}
 	}
 	for _, j := range jobs {
-		graph.SetExternal(j.t, opts.DataFile, j.offset, j.size)
-	}
-	if err = tmp.Sync(); err != nil {
-		return nil, fmt.Errorf("%s: %w", dataPath, err)
+		graph.SetExternal(j.t, pw.DataName, j.offset, j.size)
 	}
 	if size := proto.Size(p.m.Proto); size > math.MaxInt32 {
 		return nil, fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, size)
@@ -219,24 +209,7 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	if err = tmp.Close(); err != nil {
-		return nil, fmt.Errorf("%s: %w", dataPath, err)
-	}
-	if len(jobs) > 0 {
-		if err = os.Rename(tmp.Name(), dataPath); err != nil {
-			return nil, fmt.Errorf("%s: %w", dataPath, err)
-		}
-	} else {
-		os.Remove(tmp.Name())
-	}
-	err = graph.WriteFileAtomic(path, func(w io.Writer) error {
-		_, err := w.Write(data)
-		return err
-	})
-	if err != nil {
-		if len(jobs) > 0 {
-			os.Remove(dataPath)
-		}
+	if err = pw.Commit(data, len(jobs) > 0); err != nil {
 		return nil, err
 	}
 	return p.finish(), nil
