@@ -170,6 +170,9 @@ func checkParams(g *graph.Graph, ti *typeInfo, names []string) ([]Param, error) 
 		}
 		seen[name] = true
 		t, owner := g.Initializer(name)
+		if t == nil && inSubgraph(g, name) {
+			return nil, fmt.Errorf("autodiff: trainable %q lives in a subgraph (an If, Loop, Scan or contrib-op body); differentiating subgraphs is not supported", name)
+		}
 		if t == nil || owner != g {
 			return nil, fmt.Errorf("autodiff: trainable %q is not an initializer of the main graph", name)
 		}
@@ -183,6 +186,19 @@ func checkParams(g *graph.Graph, ti *typeInfo, names []string) ([]Param, error) 
 		}
 	}
 	return params, nil
+}
+
+func inSubgraph(g *graph.Graph, name string) bool {
+	found := false
+	g.Walk(func(sg *graph.Graph) {
+		if sg == g {
+			return
+		}
+		for _, t := range sg.Proto.Initializer {
+			found = found || t.GetName() == name
+		}
+	})
+	return found
 }
 
 func pickOutput(g *graph.Graph, ti *typeInfo, want string) (string, error) {

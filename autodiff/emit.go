@@ -241,7 +241,11 @@ func (e *emitter) reduce(op, v string, axes []int64, keepdims bool) string {
 	}
 	inputAxes := e.opset >= 18 || (op == "ReduceSum" && e.opset >= 13)
 	if axes == nil {
-		return e.op(op, []string{v}, intAttr("keepdims", keep))
+		out := e.op(op, []string{v}, intAttr("keepdims", keep))
+		if !keepdims {
+			e.ti.shape[out] = []dim{} // a scalar
+		}
+		return out
 	}
 	if inputAxes {
 		return e.op(op, []string{v, e.ints(axes...)}, intAttr("keepdims", keep))
@@ -291,6 +295,13 @@ func (e *emitter) reduceTo(g, x, out string) (string, error) {
 	}
 	if e.opset < 13 {
 		axes, ok := e.staticBroadcastAxes(x, out)
+		if !ok && e.noUnitDims(x) {
+			// x was only broadcast over leading axes: sum the rows of g
+			// seen as [-1, size of x] (ReduceSum with a fixed axis).
+			n := e.op("Size", []string{x})
+			rows := e.reshape(g, e.op("Concat", []string{e.ints(-1), e.unsqueeze(n, 0)}, intAttr("axis", 0)))
+			return e.reshape(e.reduce("ReduceSum", rows, []int64{0}, false), e.shape(x)), nil
+		}
 		if !ok {
 			return "", fmt.Errorf("broadcasting of %q to %q with dims unknown when the graph is built needs opset 13 (the model has %d)", x, out, e.opset)
 		}
@@ -343,4 +354,18 @@ func (e *emitter) oneHot(indices, depth string, dt graph.DataType, axis int64) s
 	values := e.constant(graph.Float, []int64{2}, 0, 1)
 	out := e.op("OneHot", []string{e.cast(indices, graph.Int64), depth, values}, intAttr("axis", axis))
 	return e.cast(out, dt)
+}
+
+// noUnitDims reports whether x's shape is declared with no dim of size 1.
+func (e *emitter) noUnitDims(x string) bool {
+	s, ok := e.ti.shape[x]
+	if !ok {
+		return false
+	}
+	for _, d := range s {
+		if !d.known() || d.value == 1 {
+			return false
+		}
+	}
+	return true
 }

@@ -145,31 +145,90 @@ func init() {
 		return nil
 	}})
 	register("Dropout", &rule{inputs: []int{0}, grad: dropoutGrad})
+	register("Abs", &rule{grad: func(c *ctx) error {
+		c.set(0, c.mul(c.gy[0], c.op("Sign", []string{c.x(0)})))
+		return nil
+	}})
+	register("Clip", &rule{inputs: []int{0}, grad: clipGrad})
+	// com.microsoft fusions that exporters and ORT's optimizer write.
+	register(msDomain+".BiasGelu", &rule{grad: func(c *ctx) error { return biasGeluGrad(c, "none") }})
+	register(msDomain+".FastGelu", &rule{grad: func(c *ctx) error { return biasGeluGrad(c, "tanh") }})
+}
+
+// clipGrad passes gy where min <= x <= max (torch's convention at the
+// bounds); min and max are inputs from opset 11, attributes before.
+func clipGrad(c *ctx) error {
+	x, g := c.x(0), c.gy[0]
+	zero := c.k(0)
+	bound := func(i int, attr string) string {
+		if v := input(c.n, i); v != "" {
+			return v
+		}
+		if a := graph.Attr(c.n, attr); a != nil && c.opset < 11 {
+			return c.k(float64(a.GetF()))
+		}
+		return ""
+	}
+	if lo := bound(1, "min"); lo != "" {
+		g = c.where(c.op("Less", []string{x, lo}), zero, g)
+	}
+	if hi := bound(2, "max"); hi != "" {
+		g = c.where(c.op("Greater", []string{x, hi}), zero, g)
+	}
+	c.set(0, g)
+	return nil
+}
+
+// biasGeluGrad differentiates y = gelu(x + bias) (BiasGelu: exact;
+// FastGelu: the tanh approximation, bias optional).
+func biasGeluGrad(c *ctx, approx string) error {
+	x, gy := c.x(0), c.gy[0]
+	if b := input(c.n, 1); b != "" {
+		x = c.add(x, b)
+	}
+	d := geluDerivative(c, x, approx)
+	g := c.mul(gy, d)
+	c.set(0, g)
+	if len(c.n.Input) > 1 && c.need[1] {
+		r, err := c.reduceTo(g, c.x(1), c.y(0))
+		if err != nil {
+			return err
+		}
+		c.gx[1] = r
+	}
+	return nil
 }
 
 // geluGrad differentiates Gelu (opset 20): exact, x·Φ(x), or the tanh
 // approximation 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
 func geluGrad(c *ctx) error {
-	x, gy := c.x(0), c.gy[0]
-	switch approx := string(graph.Attr(c.n, "approximate").GetS()); approx {
-	case "", "none":
-		// Φ(x) + x·φ(x)
-		cdf := c.mul(c.k(0.5), c.add(c.k(1), c.op("Erf", []string{c.mul(x, c.k(1/math.Sqrt2))})))
-		pdf := c.mul(c.k(1/math.Sqrt(2*math.Pi)), c.exp(c.mul(c.k(-0.5), c.mul(x, x))))
-		c.set(0, c.mul(gy, c.add(cdf, c.mul(x, pdf))))
-	case "tanh":
-		s := math.Sqrt(2 / math.Pi)
-		x2 := c.mul(x, x)
-		u := c.mul(c.k(s), c.add(x, c.mul(c.k(0.044715), c.mul(x2, x))))
-		t := c.op("Tanh", []string{u})
-		du := c.mul(c.k(s), c.add(c.k(1), c.mul(c.k(3*0.044715), x2)))
-		left := c.mul(c.k(0.5), c.add(c.k(1), t))
-		right := c.mul(c.mul(c.k(0.5), x), c.mul(c.sub(c.k(1), c.mul(t, t)), du))
-		c.set(0, c.mul(gy, c.add(left, right)))
-	default:
+	approx := string(graph.Attr(c.n, "approximate").GetS())
+	if approx == "" {
+		approx = "none"
+	}
+	if approx != "none" && approx != "tanh" {
 		return fmt.Errorf("unknown approximate %q", approx)
 	}
+	c.set(0, c.mul(c.gy[0], geluDerivative(c, c.x(0), approx)))
 	return nil
+}
+
+// geluDerivative is d gelu(x)/dx: Φ(x) + x·φ(x), or for the tanh form
+// 0.5(1 + t) + 0.5x(1 - t²)·√(2/π)(1 + 3·0.044715x²).
+func geluDerivative(c *ctx, x, approx string) string {
+	if approx == "none" {
+		cdf := c.mul(c.k(0.5), c.add(c.k(1), c.op("Erf", []string{c.mul(x, c.k(1/math.Sqrt2))})))
+		pdf := c.mul(c.k(1/math.Sqrt(2*math.Pi)), c.exp(c.mul(c.k(-0.5), c.mul(x, x))))
+		return c.add(cdf, c.mul(x, pdf))
+	}
+	s := math.Sqrt(2 / math.Pi)
+	x2 := c.mul(x, x)
+	u := c.mul(c.k(s), c.add(x, c.mul(c.k(0.044715), c.mul(x2, x))))
+	t := c.op("Tanh", []string{u})
+	du := c.mul(c.k(s), c.add(c.k(1), c.mul(c.k(3*0.044715), x2)))
+	left := c.mul(c.k(0.5), c.add(c.k(1), t))
+	right := c.mul(c.mul(c.k(0.5), x), c.mul(c.sub(c.k(1), c.mul(t, t)), du))
+	return c.add(left, right)
 }
 
 // dropoutGrad reuses the forward mask: in training mode the output is

@@ -124,3 +124,16 @@ func TestLossOpRules(t *testing.T) {
 			args:  []arg{f(3, 4), {ints: []int64{1, 2, 0}, dims: []int64{3}}}},
 	})
 }
+
+func TestMoreRules(t *testing.T) {
+	eps := floatAttr("epsilon", 1e-5)
+	runCases(t, []fdCase{
+		{name: "Abs", op: "Abs", args: []arg{{dims: []int64{2, 3}, kink: true}}},
+		{name: "Clip/inputs", op: "Clip", args: []arg{{dims: []int64{3, 4}, kink: true}, {vals: []float64{-0.5}, dims: []int64{}, fixed: true}, {vals: []float64{0.55}, dims: []int64{}, fixed: true}}},
+		{name: "Clip/max-only", op: "Clip", args: []arg{{dims: []int64{3, 4}, kink: true}, {absent: true}, {vals: []float64{0.35}, dims: []int64{}, fixed: true}}},
+		{name: "Clip/opset10-attrs", op: "Clip", opset: 10, dt: graph.Float, attrs: []*onnxpb.AttributeProto{floatAttr("min", -0.45), floatAttr("max", 0.5)}, args: []arg{{dims: []int64{3, 4}, kink: true}}},
+		{name: "BiasGelu", op: "BiasGelu", domain: msDomain, dt: graph.Float, args: []arg{f(2, 3, 4), f(4)}},
+		{name: "FastGelu", op: "FastGelu", domain: msDomain, dt: graph.Float, args: []arg{f(2, 3, 4), f(4)}},
+		{name: "SkipLayerNormalization", op: "SkipLayerNormalization", domain: msDomain, dt: graph.Float, outs: 4, use: []int{0, 3}, attrs: []*onnxpb.AttributeProto{eps}, args: []arg{f(2, 3, 4), f(2, 3, 4), f(4), f(4), f(4)}},
+	})
+}
