@@ -1,0 +1,443 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/ortrun/orttest"
+	"github.com/onnxlora/onnxlora/train"
+)
+
+const trainRefDir = "../../testdata/train"
+
+func TestTrainOptions(t *testing.T) {
+	var got *TrainOptions
+	ios, _, _, _ := TestIO()
+	cmd := NewCmdTrain(NewFactory(ios), func(o *TrainOptions) error { got = o; return nil })
+	cmd.SetArgs([]string{"m.onnx", "--data", "d.jsonl", "-o", "out.onnx", "--steps", "7", "--batch-size", "3",
+		"--grad-accum", "2", "--lr", "0.5", "--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.1",
+		"--lr-scheduler", "cosine", "--warmup-steps", "2", "--max-grad-norm", "0", "--loss", "mse",
+		"--model-output", "y", "--shuffle=false", "--seed", "3", "--pad-id", "5", "--json", "--eval-data", "e.jsonl",
+		"--eval-every", "2", "--save-every", "3", "--plot", "l.svg"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	c := got.Config
+	if got.Model != "m.onnx" || got.Data != "d.jsonl" || got.Output != "out.onnx" || c.Steps != 7 || c.BatchSize != 3 ||
+		c.GradAccum != 2 || c.LR != 0.5 || c.Optimizer != "sgd" || c.Momentum != 0.9 || c.WeightDecay != 0.1 ||
+		c.Scheduler != "cosine" || c.Warmup != 2 || c.MaxGradNorm != 0 || got.Loss != "mse" || got.ModelOutput != "y" ||
+		c.Shuffle || c.Seed != 3 || got.PadID != 5 || !got.JSON || got.EvalData != "e.jsonl" || c.EvalEvery != 2 ||
+		c.SaveEvery != 3 || got.Plot != "l.svg" {
+		t.Errorf("options %+v config %+v", got, c)
+	}
+
+	// Defaults: transformers' Trainer where it has one.
+	cmd = NewCmdTrain(NewFactory(ios), func(o *TrainOptions) error { got = o; return nil })
+	cmd.SetArgs([]string{"m.onnx", "--data", "d.jsonl", "-o", "out.onnx"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	c = got.Config
+	if c.Steps != 0 || c.Epochs != 1 || c.BatchSize != 8 || c.GradAccum != 1 || c.LR != 2e-4 || c.Optimizer != "adamw" ||
+		c.Beta1 != 0.9 || c.Beta2 != 0.999 || c.Eps != 1e-8 || c.Momentum != 0 || c.WeightDecay != 0 ||
+		c.Scheduler != "linear" || c.Warmup != 0 || c.MaxGradNorm != 1 || got.Loss != "causal-lm" || !c.Shuffle ||
+		got.PadID != 0 || got.Device != "cpu" {
+		t.Errorf("defaults %+v config %+v", got, c)
+	}
+}
+
+func TestTrainUsageErrors(t *testing.T) {
+	m := model("tiny-gpt.onnx")
+	d := filepath.Join(trainRefDir, "tiny-llama-adamw.jsonl")
+	out := filepath.Join(t.TempDir(), "out.onnx")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"train", m, "--data", d}, "missing -o/--output"},
+		{[]string{"train", m, "-o", out}, "missing --data"},
+		{[]string{"train", m, "--data", d, "-o", m}, "is the input"},
+		{[]string{"train", m, "--data", d, "-o", out, "--steps", "0"}, "--steps"},
+		{[]string{"train", m, "--data", d, "-o", out, "--steps", "3", "--epochs", "2"}, "do not go together"},
+		{[]string{"train", m, "--data", d, "-o", out, "--optimizer", "adam"}, "unknown optimizer"},
+		{[]string{"train", m, "--data", d, "-o", out, "--lr-scheduler", "step"}, "unknown learning-rate scheduler"},
+		{[]string{"train", m, "--data", d, "-o", out, "--loss", "nll"}, "--loss"},
+		{[]string{"train", m, "--data", d, "-o", out, "--batch-size", "0"}, "batch size"},
+		{[]string{"train", m, "--data", d, "-o", out, "--adam-beta1", "1"}, "betas"},
+		{[]string{"train", m, "--data", d, "-o", out, "--eval-every", "5"}, "--eval-every needs --eval-data"},
+		{[]string{"train", m, "--data", d, "-o", out, "--plot", "loss.pdf"}, "--plot"},
+		{[]string{"train", m, "--data", d, "-o", out, "--device", "tpu"}, "--device"},
+	} {
+		r := run(t, tc.args...)
+		if r.code != 2 || !strings.Contains(r.stderr, tc.want) || strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("%v: exit %d, stderr %q; want exit 2 and one line with %q", tc.args[3:], r.code, r.stderr, tc.want)
+		}
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("a usage error wrote %s", out)
+	}
+}
+
+// trainCase is a reference run of testdata/train/<name>.json, made by torch
+// in float64.
+type trainCase struct {
+	Model  string `json:"model"`
+	Inject *struct {
+		Targets []string `json:"targets"`
+		Rank    int      `json:"rank"`
+		Alpha   float64  `json:"alpha"`
+	} `json:"inject"`
+	Data     string                     `json:"data"`
+	Flags    map[string]any             `json:"flags"`
+	Initial  map[string]trainCaseTensor `json:"initial"`
+	Expected struct {
+		Steps []train.Record             `json:"steps"`
+		Final map[string]trainCaseTensor `json:"final"`
+	} `json:"expected"`
+}
+
+type trainCaseTensor struct {
+	Shape []int64   `json:"shape"`
+	Data  []float64 `json:"data"`
+}
+
+func loadTrainCase(t *testing.T, name string) *trainCase {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(trainRefDir, name+".json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c trainCase
+	if err := json.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	return &c
+}
+
+// injectWith injects the case's adapters into its model with onnxlora
+// inject and writes values (the case's initial values, or others) into
+// the initializers, returning the model's path.
+func (c *trainCase) injectWith(t *testing.T, dir, name string, values map[string]trainCaseTensor) string {
+	t.Helper()
+	injected := filepath.Join(dir, "injected.onnx")
+	if _, err := os.Stat(injected); err != nil {
+		mustRun(t, "inject", model(c.Model), "-o", injected, "--target", strings.Join(c.Inject.Targets, ","),
+			"--rank", fmt.Sprint(c.Inject.Rank), "--alpha", fmt.Sprint(c.Inject.Alpha), "-q")
+	}
+	m, err := graph.Load(injected)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for n, v := range values {
+		init, _ := m.Graph().Initializer(n)
+		if init == nil {
+			t.Fatalf("injected model has no initializer %s", n)
+		}
+		if err := graph.SetFloat64s(init, v.Data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := filepath.Join(dir, name)
+	if err := m.Save(p, graph.SaveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// args turns the case's flags into command-line flags.
+func (c *trainCase) args() []string {
+	var args []string
+	for k, v := range c.Flags {
+		args = append(args, fmt.Sprintf("--%s=%v", k, v))
+	}
+	return args
+}
+
+func readRecords(t *testing.T, stdout string) (steps, evals []train.Record) {
+	t.Helper()
+	sc := bufio.NewScanner(strings.NewReader(stdout))
+	for sc.Scan() {
+		var r train.Record
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("stdout line %q: %v", sc.Text(), err)
+		}
+		if r.Eval {
+			evals = append(evals, r)
+		} else {
+			steps = append(steps, r)
+		}
+	}
+	return steps, evals
+}
+
+// relErr is ‖got-want‖/‖want‖.
+func relErr(got, want []float64) float64 {
+	var d, n float64
+	for i := range want {
+		d += (got[i] - want[i]) * (got[i] - want[i])
+		n += want[i] * want[i]
+	}
+	if n == 0 {
+		return math.Sqrt(d)
+	}
+	return math.Sqrt(d / n)
+}
+
+func TestTrainMatchesTorch(t *testing.T) {
+	orttest.Require(t)
+	for _, name := range []string{
+		"tiny-llama-adamw", "tiny-llama-sgd", "tiny-llama-accum-cosine",
+		"tiny-gpt2-adamw", "tiny-gpt2-sgd", "tiny-gpt2-accum-cosine",
+		"mlp-classifier-adamw", "mlp-classifier-sgd", "mlp-classifier-accum-cosine",
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := loadTrainCase(t, name)
+			dir := t.TempDir()
+			start := c.injectWith(t, dir, "start.onnx", c.Initial)
+			out := filepath.Join(dir, "out.onnx")
+			args := append([]string{"train", start, "--data", filepath.Join(trainRefDir, c.Data), "-o", out, "--json", "-q"}, c.args()...)
+			r := mustRun(t, args...)
+			steps, _ := readRecords(t, r.stdout)
+			if len(steps) != len(c.Expected.Steps) {
+				t.Fatalf("%d step records, want %d", len(steps), len(c.Expected.Steps))
+			}
+			for i, w := range c.Expected.Steps {
+				g := steps[i]
+				if g.Step != w.Step || math.Abs(g.LR-w.LR) > 1e-12*math.Abs(w.LR) {
+					t.Errorf("step %d: step %d lr %v, torch step %d lr %v", i, g.Step, g.LR, w.Step, w.LR)
+				}
+				// ORT computes in float32, torch in float64.
+				if math.Abs(g.Loss-w.Loss) > 1e-5*math.Abs(w.Loss) || math.Abs(g.GradNorm-w.GradNorm) > 1e-4*w.GradNorm {
+					t.Errorf("step %d: loss %.9g grad_norm %.9g, torch %.9g %.9g", g.Step, g.Loss, g.GradNorm, w.Loss, w.GradNorm)
+				}
+			}
+			tol := 1e-4
+			if c.Flags["optimizer"] == "sgd" {
+				tol = 1e-5
+			}
+			m, err := graph.Load(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			worst := 0.0
+			for n, want := range c.Expected.Final {
+				init, _ := m.Graph().Initializer(n)
+				if init == nil {
+					t.Fatalf("OUT has no %s", n)
+				}
+				got, err := m.Float64s(init)
+				if err != nil {
+					t.Fatal(err)
+				}
+				e := relErr(got, want.Data)
+				worst = math.Max(worst, e)
+				if e > tol {
+					t.Errorf("%s: relative error %.3g against torch, want <= %g", n, e, tol)
+				}
+			}
+			t.Logf("%d tensors, worst relative error %.3g (tolerance %g); step-1 loss %.9g vs torch %.9g",
+				len(c.Expected.Final), worst, tol, steps[0].Loss, c.Expected.Steps[0].Loss)
+
+			// The trained model, merged, computes what the torch-trained
+			// adapters compute.
+			if name == "tiny-llama-adamw" || name == "mlp-classifier-sgd" {
+				ref := c.injectWith(t, dir, "torch.onnx", c.Expected.Final)
+				merged := filepath.Join(dir, "merged.onnx")
+				mustRun(t, "merge", out, "-o", merged, "-q")
+				mustRun(t, "verify", merged, ref, "-q")
+			}
+		})
+	}
+}
+
+// TestTrainStopAndResume stops a run after step 2 through its context, and
+// checks OUT and the checkpoint are written and that --resume finishes with
+// exactly the values of an uninterrupted run.
+func TestTrainStopAndResume(t *testing.T) {
+	orttest.Require(t)
+	c := loadTrainCase(t, "tiny-gpt2-sgd")
+	dir := t.TempDir()
+	start := c.injectWith(t, dir, "start.onnx", c.Initial)
+	data := filepath.Join(trainRefDir, c.Data)
+	full := filepath.Join(dir, "full.onnx")
+	mustRun(t, append([]string{"train", start, "--data", data, "-o", full, "-q"}, c.args()...)...)
+
+	out := filepath.Join(dir, "out.onnx")
+	ios, _, stdout, stderr := TestIO()
+	f := NewFactory(ios)
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := NewCmdTrain(f, func(o *TrainOptions) error {
+		o.ctx = ctx
+		return runTrain(o)
+	})
+	cmd.SetArgs(append([]string{start, "--data", data, "-o", out, "--json"}, c.args()...))
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
+	// Cancel as soon as the second step's record is printed.
+	ios.Out = &cancelAfter{w: stdout, n: 2, cancel: cancel}
+	err := cmd.Execute()
+	if err == nil || !strings.Contains(err.Error(), "interrupted after step 2") {
+		t.Fatalf("stopped run: %v", err)
+	}
+	if _, err := os.Stat(out); err != nil {
+		t.Fatalf("no OUT after a stop: %v", err)
+	}
+	if _, err := os.Stat(out + ".ckpt"); err != nil {
+		t.Fatalf("no checkpoint after a stop: %v", err)
+	}
+	r := mustRun(t, append([]string{"train", start, "--data", data, "-o", out, "--resume", "--json", "-q"}, c.args()...)...)
+	steps, _ := readRecords(t, r.stdout)
+	if len(steps) != len(c.Expected.Steps)-2 || steps[0].Step != 3 {
+		t.Fatalf("resumed run printed %d steps starting at %v", len(steps), steps)
+	}
+	a, _ := graph.Load(full)
+	b, _ := graph.Load(out)
+	defer a.Close()
+	defer b.Close()
+	for n := range c.Expected.Final {
+		ta, _ := a.Graph().Initializer(n)
+		tb, _ := b.Graph().Initializer(n)
+		va, _ := a.Float64s(ta)
+		vb, _ := b.Float64s(tb)
+		for i := range va {
+			if va[i] != vb[i] {
+				t.Fatalf("%s[%d]: resumed %v, uninterrupted %v", n, i, vb[i], va[i])
+			}
+		}
+	}
+	// A resume with other settings is refused.
+	r = run(t, append(append([]string{"train", start, "--data", data, "-o", out, "--resume"}, c.args()...), "--batch-size=3")...)
+	if r.code != 1 || !strings.Contains(r.stderr, "batch_size") {
+		t.Errorf("resume with another batch size: exit %d %q", r.code, r.stderr)
+	}
+}
+
+// cancelAfter cancels a context once n lines have been written.
+type cancelAfter struct {
+	w      interface{ Write([]byte) (int, error) }
+	n      int
+	cancel context.CancelFunc
+}
+
+func (c *cancelAfter) Write(p []byte) (int, error) {
+	c.n -= strings.Count(string(p), "\n")
+	if c.n <= 0 {
+		c.cancel()
+	}
+	return c.w.Write(p)
+}
+
+func TestTrainBadInput(t *testing.T) {
+	orttest.Require(t)
+	c := loadTrainCase(t, "tiny-llama-adamw")
+	clf := loadTrainCase(t, "mlp-classifier-adamw")
+	dir := t.TempDir()
+	llama := c.injectWith(t, filepath.Join(dir), "llama.onnx", c.Initial)
+	clfDir := filepath.Join(dir, "clf")
+	os.Mkdir(clfDir, 0o755)
+	mlp := clf.injectWith(t, clfDir, "mlp.onnx", clf.Initial)
+	write := func(name, s string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		name  string
+		model string
+		data  string
+		extra []string
+		want  string
+	}{
+		{"not json", llama, write("a.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 2]\n"), nil, "a.jsonl:2: not a JSON object"},
+		{"empty file", llama, write("b.jsonl", ""), nil, "no examples"},
+		{"id outside embedding", llama, write("c.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 64]}\n"), nil, "c.jsonl:2: \"input_ids\"[1] = 64: token id outside [0, 64)"},
+		{"row lacks input", mlp, write("d.jsonl", "{\"labels\": 1}\n"), []string{"--loss", "cross-entropy"}, "d.jsonl:1: the row lacks \"x\""},
+		{"mismatched shape", mlp, write("e.jsonl", "{\"x\": [1, 2, 3], \"labels\": 1}\n"), []string{"--loss", "cross-entropy"}, "e.jsonl:1: \"x\" has shape [3] per row"},
+		{"label outside classes", mlp, write("f.jsonl", "{\"x\": [0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0], \"labels\": 5}\n"), []string{"--loss", "cross-entropy"}, "label outside [0, 5)"},
+		{"no adapters", model("tiny-llama.onnx"), write("g.jsonl", "{\"input_ids\": [1, 2]}\n"), nil, "no adapters to train"},
+		{"missing data", llama, filepath.Join(dir, "none.jsonl"), nil, "none.jsonl"},
+		{"pad id outside", llama, write("h.jsonl", "{\"input_ids\": [1, 2]}\n"), []string{"--pad-id", "64"}, "pad id 64"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out := filepath.Join(dir, "out-"+strings.ReplaceAll(tc.name, " ", "-")+".onnx")
+			args := append([]string{"train", tc.model, "--data", tc.data, "-o", out, "--steps", "1"}, tc.extra...)
+			r := run(t, args...)
+			if r.code != 1 || !strings.Contains(r.stderr, tc.want) || strings.Count(r.stderr, "\n") != 1 || strings.Contains(r.stderr, "panic") {
+				t.Errorf("exit %d, stderr %q; want exit 1 and one line with %q", r.code, r.stderr, tc.want)
+			}
+			if _, err := os.Stat(out); !os.IsNotExist(err) {
+				t.Errorf("OUT written after an error")
+			}
+		})
+	}
+}
+
+// TestTrainFineTuneLearns runs the shipped fine-tune (tiny-llama, LoRA on
+// every projection, 96 AdamW steps on a bigram corpus) from the torch run's
+// starting values and checks that the eval loss falls as far as torch's
+// float64 loop takes it, eval by eval.
+func TestTrainFineTuneLearns(t *testing.T) {
+	orttest.Require(t)
+	const dataDir = "../../testdata/data"
+	b, err := os.ReadFile(filepath.Join(dataDir, "lm-finetune-torch.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c struct {
+		trainCase
+		EvalData  string `json:"eval_data"`
+		EvalEvery int    `json:"eval_every"`
+		Expected  struct {
+			Before float64        `json:"eval_loss_before"`
+			After  float64        `json:"eval_loss_after"`
+			Eval   []train.Record `json:"eval"`
+			Steps  []train.Record `json:"steps"`
+		} `json:"expected"`
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	start := c.injectWith(t, dir, "start.onnx", c.Initial)
+	out := filepath.Join(dir, "out.onnx")
+	plot := filepath.Join(dir, "loss.svg")
+	args := append([]string{"train", start, "--data", filepath.Join(dataDir, c.Data), "--eval-data", filepath.Join(dataDir, c.EvalData),
+		"--eval-every", fmt.Sprint(c.EvalEvery), "-o", out, "--json", "--plot", plot}, c.args()...)
+	r := mustRun(t, args...)
+	steps, evals := readRecords(t, r.stdout)
+	if len(steps) != len(c.Expected.Steps) || len(evals) != len(c.Expected.Eval) {
+		t.Fatalf("%d steps and %d evals, want %d and %d", len(steps), len(evals), len(c.Expected.Steps), len(c.Expected.Eval))
+	}
+	for i, w := range c.Expected.Eval {
+		g := evals[i]
+		t.Logf("step %3d: eval loss %.6f, torch %.6f", g.Step, g.EvalLoss, w.EvalLoss)
+		if g.Step != w.Step || math.Abs(g.EvalLoss-w.EvalLoss) > 1e-4*w.EvalLoss {
+			t.Errorf("eval at step %d: %.6f, torch at step %d: %.6f", g.Step, g.EvalLoss, w.Step, w.EvalLoss)
+		}
+		if math.Abs(g.EvalPerplexity-math.Exp(g.EvalLoss)) > 1e-9*g.EvalPerplexity {
+			t.Errorf("perplexity %v is not exp(eval loss %v)", g.EvalPerplexity, g.EvalLoss)
+		}
+	}
+	if last := evals[len(evals)-1].EvalLoss; !(last < evals[0].EvalLoss-1.5) {
+		t.Errorf("eval loss went from %.4f to %.4f; it should fall clearly", evals[0].EvalLoss, last)
+	}
+	if !strings.Contains(r.stderr, "eval loss") || !strings.Contains(r.stderr, "wrote "+out) {
+		t.Errorf("summary: %q", r.stderr)
+	}
+	svg, err := os.ReadFile(plot)
+	if err != nil || !strings.Contains(string(svg), "<svg") || !strings.Contains(string(svg), "eval loss") {
+		t.Errorf("--plot wrote no SVG with the eval curve (%v)", err)
+	}
+}
