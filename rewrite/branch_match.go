@@ -50,7 +50,7 @@ func (k *branchKind) match(g *graph.Graph, root *onnxpb.NodeProto) (*branchMatch
 	if root.GetOpType() != spec.Op || !graph.IsStandardOp(root) || len(root.Input) != len(spec.In) || len(root.Output) != 1 {
 		return nil, fmt.Sprintf("not a %d-input %s", len(spec.In), spec.Op)
 	}
-	m := &matcher{k: k, g: g}
+	m := &matcher{k: k, g: g, root: root}
 	if m.node(len(k.Nodes)-1, root.Output[0], "", m.final) {
 		return m.found, ""
 	}
@@ -60,8 +60,9 @@ func (k *branchKind) match(g *graph.Graph, root *onnxpb.NodeProto) (*branchMatch
 // matcher is one match in progress. Bindings are append-only slices, so
 // backtracking is truncating them to a saved length.
 type matcher struct {
-	k *branchKind
-	g *graph.Graph
+	k    *branchKind
+	g    *graph.Graph
+	root *onnxpb.NodeProto
 
 	base       *onnxpb.NodeProto
 	baseOutput string
@@ -282,6 +283,9 @@ func paramFits(g *graph.Graph, p *branchParam, v string) bool {
 // final checks a structural match against the layer and records it.
 func (m *matcher) final() bool {
 	g, base := m.g, m.base
+	if m.nodeByRole(m.k.root().Name) != m.root {
+		return m.fail("another node writes %q too", m.root.Output[0])
+	}
 	if base == nil {
 		return m.fail("the branch does not read a layer's output")
 	}
