@@ -1,6 +1,8 @@
 package rewrite
 
 import (
+	"fmt"
+
 	"google.golang.org/protobuf/proto"
 
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
@@ -176,6 +178,29 @@ func (k *branchKind) param(name string) *branchParam {
 	for i := range k.Params {
 		if k.Params[i].Name == name {
 			return &k.Params[i]
+		}
+	}
+	return nil
+}
+
+// check reports what is wrong with a description: a node reading a node
+// that does not come before it or a param that is not declared, an
+// optional root, or an optional node with nothing to pass through.
+func (k *branchKind) check() error {
+	if len(k.Nodes) == 0 || k.root().When != always {
+		return fmt.Errorf("branch %s: the root must be its last node and always there", k.Name)
+	}
+	for i, n := range k.Nodes {
+		if n.When != always && (len(n.In) == 0 || n.In[0].Kind == fromParam) {
+			return fmt.Errorf("branch %s: optional node %s passes no value through", k.Name, n.Name)
+		}
+		for _, op := range n.In {
+			switch {
+			case op.Kind == fromNode && (k.nodeIndex(op.Ref) < 0 || k.nodeIndex(op.Ref) >= i):
+				return fmt.Errorf("branch %s: node %s reads %s, which is not an earlier node", k.Name, n.Name, op.Ref)
+			case op.Kind == fromParam && k.param(op.Ref) == nil:
+				return fmt.Errorf("branch %s: node %s reads undeclared param %s", k.Name, n.Name, op.Ref)
+			}
 		}
 	}
 	return nil

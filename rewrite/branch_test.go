@@ -387,6 +387,17 @@ func TestNewBranchKind(t *testing.T) {
 			{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("MatMul_B")}, Commutes: true},
 		},
 	}
+	for _, k := range []*branchKind{loraBranch, adapterInputs} {
+		if err := k.check(); err != nil {
+			t.Error(err)
+		}
+	}
+	bad := *adapterInputs
+	bad.Nodes = slices.Clone(bad.Nodes)
+	bad.Nodes[0].In = []operand{nodeOut("MatMul_B"), paramIn("A")}
+	if err := bad.check(); err == nil || !strings.Contains(err.Error(), "earlier node") {
+		t.Errorf("a node reading a later one: %v", err)
+	}
 	m := brLayerModel(t, 17, false)
 	g := m.Graph()
 	base := g.Proto.Node[0]
