@@ -66,18 +66,24 @@ func mgRandomizeAdapters(t testing.TB, m *graph.Model, seed uint64) {
 // mgInjectRandom injects adapters and randomizes them.
 func mgInjectRandom(t testing.TB, m *graph.Model, cfg InjectConfig, seed uint64) *Injection {
 	t.Helper()
+	inj, err := Inject(m, mgInjectDefaults(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgRandomizeAdapters(t, m, seed)
+	return inj
+}
+
+// mgInjectDefaults fills in what mgInjectRandom injects by default: every
+// layer at r=4, alpha=8.
+func mgInjectDefaults(cfg InjectConfig) InjectConfig {
 	if cfg.Rank == 0 {
 		cfg.Rank, cfg.Alpha = 4, 8
 	}
 	if len(cfg.Targets) == 0 && cfg.TargetRegex == "" {
 		cfg.TargetRegex = ".*"
 	}
-	inj, err := Inject(m, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mgRandomizeAdapters(t, m, seed)
-	return inj
+	return cfg
 }
 
 func mgSaveModel(t testing.TB, m *graph.Model, path string) string {

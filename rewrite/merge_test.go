@@ -4,6 +4,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -33,16 +34,21 @@ func TestMergeRestoresBaseGraph(t *testing.T) {
 			if rep.Source != "manifest" || len(rep.Merged) != len(inj.Manifest.Adapters) {
 				t.Fatalf("report: source %s, %d merged, want %d", rep.Source, len(rep.Merged), len(inj.Manifest.Adapters))
 			}
-			mgCheckMergedWeights(t, injected, m, rep)
+			mgCheckMergedWeights(t, injected, m, rep, c.inject, 1)
 			mgCheckSameAsBase(t, base, m, rep)
 		})
 	}
 }
 
 // mgCheckMergedWeights recomputes every merged weight from the injected
-// model with the reference and compares bits.
-func mgCheckMergedWeights(t testing.TB, injected, merged *graph.Model, rep *MergeReport) {
+// model with the reference merge and compares bits. Nothing is taken from
+// the report but which weight went where: the factor comes from the rank,
+// alpha and RSLoRA given to inject (cfg, before mgInjectDefaults), the
+// merge's scale and the Gemm's alpha attribute; the layout from the node's
+// transB and the Transposes on the weight's way to it.
+func mgCheckMergedWeights(t testing.TB, injected, merged *graph.Model, rep *MergeReport, cfg InjectConfig, scale float64) {
 	t.Helper()
+	cfg = mgInjectDefaults(cfg)
 	man, _ := ReadManifest(injected)
 	byModule := map[string]Adapter{}
 	for _, a := range man.Adapters {
@@ -59,18 +65,48 @@ func mgCheckMergedWeights(t testing.TB, injected, merged *graph.Model, rep *Merg
 			wt = mgConstantByName(injected, orig)
 		}
 		w := mgFloatsOf(t, injected, wt)
-		av := mgFloatsOf(t, injected, mgTensorByName(injected, a.LoraA))
-		bv := mgFloatsOf(t, injected, mgTensorByName(injected, a.LoraB))
-		in, out := int(a.InFeatures), int(a.OutFeatures)
-		// A private copy in the node's orientation holds the transpose of a
-		// weight that reached the node through a Transpose.
-		if node := mgNodeByName(merged, ml.Node); ml.Original != "" && node.Input[1] == ml.Weight {
-			rw := injected.Graph().ResolveWeight(mgNodeByName(injected, ml.Node).Input[1])
-			if rw.Transposed {
-				w = transposeF64(w, int(wt.Dims[0]), int(wt.Dims[1]))
+		ta, tb := mgTensorByName(injected, a.LoraA), mgTensorByName(injected, a.LoraB)
+		av, bv := mgFloatsOf(t, injected, ta), mgFloatsOf(t, injected, tb)
+		in, r, out := int(ta.Dims[0]), int(ta.Dims[1]), int(tb.Dims[1])
+
+		rank, alpha := float64(cfg.Rank), cfg.Alpha
+		if v, ok := mgPatternValue(cfg.RankPattern, ml.Module); ok {
+			rank = v
+		}
+		if v, ok := mgPatternValue(cfg.AlphaPattern, ml.Module); ok {
+			alpha = v
+		}
+		if int(rank) != r {
+			t.Fatalf("%s: lora_A is %v, want rank %v", ml.Module, ta.Dims, rank)
+		}
+		scaling := alpha / rank
+		if cfg.RSLoRA {
+			scaling = alpha / math.Sqrt(rank)
+		}
+		node, injNode := mgNodeByName(merged, ml.Node), mgNodeByName(injected, ml.Node)
+		gemmAlpha, transB := 1.0, false
+		if node.GetOpType() == "Gemm" {
+			if at := graph.Attr(node, "alpha"); at != nil {
+				gemmAlpha = float64(at.GetF())
+			}
+			if at := graph.Attr(node, "transB"); at != nil {
+				transB = at.GetI() == 1
 			}
 		}
-		want := mgRefMerged(w, av, bv, in, out, a.Rank, ml.Factor, ml.Transposed)
+		factor := scaling * scale / gemmAlpha
+		// Stored [out, in] when transB and the Transposes on the way from
+		// the stored weight to the node disagree.
+		transposed := transB != mgTransposesOnPath(t, merged, node, ml.Weight)
+		// A private copy read directly holds the original values in the
+		// node's orientation: transposed if a Transpose led to the original.
+		if ml.Original != "" && node.Input[1] == ml.Weight && mgTransposesOnPath(t, injected, injNode, orig) {
+			w = transposeF64(w, int(wt.Dims[0]), int(wt.Dims[1]))
+		}
+		if ml.Factor != factor || ml.Scaling != scaling || ml.Transposed != transposed || ml.Rank != r || ml.Alpha != alpha {
+			t.Errorf("%s: report says factor %v, scaling %v, transposed %v, rank %d, alpha %v; want %v, %v, %v, %d, %v",
+				ml.Module, ml.Factor, ml.Scaling, ml.Transposed, ml.Rank, ml.Alpha, factor, scaling, transposed, r, alpha)
+		}
+		want := mgRefMerged(w, av, bv, in, out, r, factor, transposed)
 		dt := graph.DataType(mgTensorByName(merged, ml.Weight).GetDataType())
 		wantRaw := mgMustEncode(t, dt, want)
 		got := mgRawOf(t, merged, mgTensorByName(merged, ml.Weight))
@@ -81,6 +117,53 @@ func mgCheckMergedWeights(t testing.TB, injected, merged *graph.Model, rep *Merg
 			t.Errorf("%s: report says max delta %g, %d changed", ml.Module, ml.MaxDelta, ml.Changed)
 		}
 	}
+}
+
+// mgPatternValue applies PEFT's rank_pattern/alpha_pattern rule: the first
+// key matching a dot-separated suffix of the module path wins.
+func mgPatternValue(ps []PatternEntry, module string) (float64, bool) {
+	for _, p := range ps {
+		if regexp.MustCompile(`^(.*\.)?(` + p.Key + `)$`).MatchString(module) {
+			return p.Value, true
+		}
+	}
+	return 0, false
+}
+
+// mgTransposesOnPath follows node's weight input back through Identity,
+// Cast and Transpose nodes to the value target and reports whether an odd
+// number of Transposes lies on the way.
+func mgTransposesOnPath(t testing.TB, m *graph.Model, node *onnxpb.NodeProto, target string) bool {
+	t.Helper()
+	producer := map[string]*onnxpb.NodeProto{}
+	m.Graph().Walk(func(g *graph.Graph) {
+		for _, n := range g.Proto.Node {
+			for _, o := range n.Output {
+				producer[o] = n
+			}
+		}
+	})
+	odd := false
+	for v := node.Input[1]; v != target; {
+		p := producer[v]
+		if p == nil || len(p.Input) == 0 {
+			t.Fatalf("node %s: no path from %s to its weight %s", node.GetName(), node.Input[1], target)
+		}
+		switch p.GetOpType() {
+		case "Transpose":
+			odd = !odd
+		case "Identity", "Cast":
+		case "Constant":
+			if p.Output[0] == target {
+				return odd
+			}
+			t.Fatalf("node %s: weight path reaches Constant %s, not %s", node.GetName(), p.Output[0], target)
+		default:
+			t.Fatalf("node %s: unexpected %s on the weight's path", node.GetName(), p.GetOpType())
+		}
+		v = p.Input[0]
+	}
+	return odd
 }
 
 // mgCheckSameAsBase compares the merged model with the base one: the same
@@ -258,12 +341,13 @@ func TestMergeScale(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The model's Gemms all have transB=1 (its weights are stored [out, in]).
 	for _, ml := range rep.Merged {
-		if ml.Factor != ml.Scaling*0.25 {
-			t.Errorf("%s: factor %v, want %v", ml.Module, ml.Factor, ml.Scaling*0.25)
+		if !ml.Transposed {
+			t.Errorf("%s: merged as stored [in, out]", ml.Module)
 		}
 	}
-	mgCheckMergedWeights(t, injected, m, rep)
+	mgCheckMergedWeights(t, injected, m, rep, InjectConfig{}, 0.25)
 
 	if _, err := Merge(mgCloneModel(injected), MergeOptions{Scale: math.NaN()}); err == nil {
 		t.Error("a NaN scale was accepted")
@@ -346,7 +430,7 @@ func TestMergeSharedWeights(t *testing.T) {
 					t.Errorf("%s: the copy is called %s", ml.Module, ml.Weight)
 				}
 			}
-			mgCheckMergedWeights(t, injected, m, rep)
+			mgCheckMergedWeights(t, injected, m, rep, InjectConfig{SelectOptions: SelectOptions{Targets: tc.targets, Rank: 4, Alpha: 8}}, 1)
 			mgCheckSameAsBase(t, base, m, rep)
 			// Layers that were not adapted still read the original values.
 			for _, name := range []string{"shared.weight", "embed_tokens.weight"} {

@@ -155,9 +155,18 @@ func TestApplyPEFTOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The fixture's config: r=4, lora_alpha=8, use_rslora, with r=2 for
+	// layer 1's v_proj and alpha 4 for down_proj; every layer is a MatMul.
 	for _, ml := range hrep.Merged {
-		if ml.Factor != ml.Scaling*0.5 {
-			t.Errorf("%s: factor %v with scale 0.5 and scaling %v", ml.Module, ml.Factor, ml.Scaling)
+		r, alpha := 4.0, 8.0
+		if ml.PEFTModule == "model.layers.1.self_attn.v_proj" {
+			r = 2
+		}
+		if strings.HasSuffix(ml.PEFTModule, ".down_proj") {
+			alpha = 4
+		}
+		if want := alpha / math.Sqrt(r) * 0.5; ml.Factor != want {
+			t.Errorf("%s: factor %v with scale 0.5, want %v", ml.PEFTModule, ml.Factor, want)
 		}
 	}
 
