@@ -4,12 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sort"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/graph/onnxpb"
 )
 
 // ConvertAdapterOptions holds what `onnxlora convert-adapter` was asked to do.
@@ -18,6 +20,7 @@ type ConvertAdapterOptions struct {
 
 	Input  string
 	Output string
+	Model  string
 	DType  string
 	JSON   bool
 }
@@ -52,6 +55,13 @@ alpha_pattern resolved per module, computed in float64 and rounded once to
 --dtype (default float32; it must match the model's inputs). fan_in_fan_out
 changes nothing: lora_A and lora_B have the same shapes either way.
 
+With --model, the adapter is made for that adapter-input model: each PEFT
+module is matched to the model's <module>.lora_A.weight/.lora_B.weight inputs
+whose module shares its longest dotted suffix (as merge --adapter matches
+layers), the parameters take the model's names, their shapes are checked
+against the inputs' fixed dims, and --dtype defaults to the inputs' type.
+Every mismatch is an error and nothing is written.
+
 .onnx_adapter to PEFT_DIR: lora_A = Aᵀ and lora_B = Bᵀ. The scaling already
 sits in B and cannot be taken out again, so every module gets lora_alpha = r
 (scaling 1, no rsLoRA): the adapter computes exactly the same update. Ranks
@@ -59,6 +69,7 @@ that differ between modules become rank_pattern and alpha_pattern entries.
 --dtype sets the safetensors type (default: the adapter's own).`,
 		Example: `  onnxlora convert-adapter ./my-peft-adapter -o my-adapter.onnx_adapter
   onnxlora convert-adapter ./my-peft-adapter -o my-adapter.onnx_adapter --dtype float16
+  onnxlora convert-adapter ./my-peft-adapter -o my-adapter.onnx_adapter --model model-lora-inputs.onnx
   onnxlora convert-adapter my-adapter.onnx_adapter -o ./my-peft-adapter`,
 		Args: exactArgs(1, "one PEFT_DIR or .onnx_adapter file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -71,7 +82,7 @@ that differ between modules become rank_pattern and alpha_pattern entries.
 					return usageErrorf("--dtype %q: want float32, float16 or bfloat16", opts.DType)
 				}
 			}
-			if err := checkOutput(opts.Output, opts.Input); err != nil {
+			if err := checkOutput(opts.Output, opts.Input, opts.Model); err != nil {
 				return err
 			}
 			if runF != nil {
@@ -82,6 +93,7 @@ that differ between modules become rank_pattern and alpha_pattern entries.
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "the .onnx_adapter file (from a PEFT dir) or PEFT directory (from a file) to write")
+	fl.StringVar(&opts.Model, "model", "", "adapter-input model to match names, shapes and dtype against (PEFT_DIR to .onnx_adapter only)")
 	fl.StringVar(&opts.DType, "dtype", "", "element type written: float32 (default for .onnx_adapter), float16 or bfloat16")
 	fl.BoolVar(&opts.JSON, "json", false, "print the converted modules as JSON on stdout")
 	return cmd
@@ -112,6 +124,8 @@ func runConvertAdapter(opts *ConvertAdapterOptions) error {
 	var rep *convertReport
 	if st.IsDir() {
 		rep, err = peftToOnnxAdapter(opts)
+	} else if opts.Model != "" {
+		return usageErrorf("--model goes with a PEFT_DIR input: it checks the .onnx_adapter being made")
 	} else {
 		rep, err = onnxAdapterToPEFT(opts)
 	}
@@ -141,13 +155,18 @@ func peftToOnnxAdapter(opts *ConvertAdapterOptions) (*convertReport, error) {
 	if st, err := os.Stat(opts.Output); err == nil && st.IsDir() {
 		return nil, fmt.Errorf("output %s is a directory; converting a PEFT directory writes one .onnx_adapter file", opts.Output)
 	}
-	name := opts.DType
-	if name == "" {
-		name = "float32"
-	}
 	_, mods, err := export.ReadPEFTAdapter(opts.Input)
 	if err != nil {
 		return nil, err
+	}
+	name := opts.DType
+	if opts.Model != "" {
+		if name, err = matchModelInputs(opts, mods); err != nil {
+			return nil, err
+		}
+	}
+	if name == "" {
+		name = "float32"
 	}
 	a, err := export.OnnxAdapterFromPEFT(mods, convertDTypes[name].onnx)
 	if err != nil {
@@ -205,4 +224,131 @@ func onnxAdapterToPEFT(opts *ConvertAdapterOptions) (*convertReport, error) {
 	}
 	opts.IO.Notef("lora_alpha = r for every module (scaling 1): the adapter's scaling stays inside lora_B")
 	return rep, nil
+}
+
+// loraInputs is one module's pair of LoRA inputs in an adapter-input model.
+type loraInputs struct {
+	module string
+	a, b   *onnxpb.ValueInfoProto
+}
+
+// modelLoraInputs lists the model's <module>.lora_A.weight /
+// <module>.lora_B.weight graph-input pairs, by module.
+func modelLoraInputs(m *graph.Model) map[string]*loraInputs {
+	ins := map[string]*onnxpb.ValueInfoProto{}
+	for _, vi := range m.Graph().Proto.GetInput() {
+		ins[vi.GetName()] = vi
+	}
+	out := map[string]*loraInputs{}
+	for name, vi := range ins {
+		mod, ok := strings.CutSuffix(name, export.OnnxAdapterSuffixA)
+		if !ok || mod == "" {
+			continue
+		}
+		if b, ok := ins[mod+export.OnnxAdapterSuffixB]; ok {
+			out[mod] = &loraInputs{module: mod, a: vi, b: b}
+		}
+	}
+	return out
+}
+
+// commonSuffixSegments counts the trailing dotted segments a and b share.
+func commonSuffixSegments(a, b string) int {
+	as, bs := strings.Split(a, "."), strings.Split(b, ".")
+	n := 0
+	for n < len(as) && n < len(bs) && as[len(as)-1-n] == bs[len(bs)-1-n] {
+		n++
+	}
+	return n
+}
+
+// matchModelInputs renames mods to the model's LoRA input modules (longest
+// common dotted suffix, ties and misses are errors), checks their shapes
+// against the inputs' fixed dims and returns the --dtype to use: the
+// inputs' type, which an explicit --dtype must equal.
+func matchModelInputs(opts *ConvertAdapterOptions, mods []export.PEFTModule) (string, error) {
+	m, err := loadModel(opts.IO, opts.Model)
+	if err != nil {
+		return "", err
+	}
+	defer m.Close()
+	inputs := modelLoraInputs(m)
+	if len(inputs) == 0 {
+		return "", fmt.Errorf("%s has no LoRA adapter inputs (<module>%s and <module>%s graph inputs)", opts.Model, export.OnnxAdapterSuffixA, export.OnnxAdapterSuffixB)
+	}
+	names := make([]string, 0, len(inputs))
+	for n := range inputs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	claimed := map[string]string{}
+	dtName := opts.DType
+	for i := range mods {
+		pm := &mods[i]
+		best, bestN, tie := "", 0, false
+		for _, n := range names {
+			c := commonSuffixSegments(pm.Name, n)
+			switch {
+			case c > bestN:
+				best, bestN, tie = n, c, false
+			case c == bestN && c > 0:
+				tie = true
+			}
+		}
+		if bestN == 0 {
+			return "", fmt.Errorf("PEFT module %s matches no LoRA input of %s (it has %s, ...)", pm.Name, opts.Model, names[0])
+		}
+		if tie {
+			return "", fmt.Errorf("PEFT module %s matches several LoRA inputs of %s equally well", pm.Name, opts.Model)
+		}
+		if prev, ok := claimed[best]; ok {
+			return "", fmt.Errorf("PEFT modules %s and %s both match the model's %s", prev, pm.Name, best)
+		}
+		claimed[best] = pm.Name
+		in := inputs[best]
+		for _, c := range []struct {
+			vi   *onnxpb.ValueInfoProto
+			want []int
+		}{{in.a, []int{pm.InFeatures, pm.Rank}}, {in.b, []int{pm.Rank, pm.OutFeatures}}} {
+			tt := c.vi.GetType().GetTensorType()
+			if tt == nil {
+				return "", fmt.Errorf("model input %s is not a tensor", c.vi.GetName())
+			}
+			dt := graph.DataType(tt.GetElemType())
+			name := ""
+			for n, d := range convertDTypes {
+				if d.onnx == dt {
+					name = n
+				}
+			}
+			if name == "" {
+				return "", fmt.Errorf("model input %s is %v, not float32, float16 or bfloat16", c.vi.GetName(), dt)
+			}
+			if dtName == "" {
+				dtName = name
+			} else if dtName != name {
+				if opts.DType != "" {
+					return "", fmt.Errorf("--dtype %s, but model input %s is %s", opts.DType, c.vi.GetName(), name)
+				}
+				return "", fmt.Errorf("model inputs mix %s and %s (%s)", dtName, name, c.vi.GetName())
+			}
+			dims := tt.GetShape().GetDim()
+			if tt.GetShape() != nil && len(dims) != 2 {
+				return "", fmt.Errorf("model input %s has rank %d, want 2", c.vi.GetName(), len(dims))
+			}
+			for k, d := range dims {
+				if d.GetDimParam() == "" && d.Value != nil && d.GetDimValue() != int64(c.want[k]) {
+					return "", fmt.Errorf("PEFT module %s gives %s shape %v, but model input %s has dim %d = %d", pm.Name, c.vi.GetName(), c.want, c.vi.GetName(), k, d.GetDimValue())
+				}
+			}
+		}
+		if best != pm.Name {
+			opts.IO.Notef("PEFT module %s -> model input %s", pm.Name, best+export.OnnxAdapterSuffixA)
+		}
+		pm.Name = best
+	}
+	if n := len(inputs) - len(claimed); n > 0 {
+		opts.IO.Warnf("%d of the model's %d LoRA input pairs get nothing from %s and keep their defaults", n, len(inputs), opts.Input)
+	}
+	return dtName, nil
 }

@@ -279,3 +279,83 @@ func TestConvertAdapterErrors(t *testing.T) {
 		t.Error("a failed conversion changed an existing file")
 	}
 }
+
+// TestConvertAdapterForModel: --model maps PEFT module paths onto the
+// model's LoRA inputs by dotted suffix, takes its dtype and refuses
+// mismatches.
+func TestConvertAdapterForModel(t *testing.T) {
+	model := filepath.Join(adaptersTestdata, "lora-inputs.onnx")
+	tmp := t.TempDir()
+	cfg, mods, err := export.ReadPEFTAdapter(filepath.Join(adaptersTestdata, "peft-plain"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same adapter with the torch model's longer module paths.
+	prefixed := filepath.Join(tmp, "prefixed")
+	long := append([]export.PEFTModule{}, mods...)
+	pcfg := *cfg
+	pcfg.RankPattern = nil
+	pcfg.AlphaPattern = nil
+	for i := range long {
+		long[i].Name = "model.decoder." + long[i].Name
+		if long[i].Rank != pcfg.R {
+			pcfg.RankPattern = append(pcfg.RankPattern, export.Pattern[int]{Key: long[i].Name, Value: long[i].Rank})
+			pcfg.AlphaPattern = append(pcfg.AlphaPattern, export.Pattern[float64]{Key: long[i].Name, Value: long[i].Alpha})
+		}
+	}
+	if err := export.WritePEFTAdapter(prefixed, &pcfg, long); err != nil {
+		t.Fatal(err)
+	}
+	plain := filepath.Join(tmp, "plain.onnx_adapter")
+	mustRun(t, "convert-adapter", filepath.Join(adaptersTestdata, "peft-plain"), "-o", plain)
+	mapped := filepath.Join(tmp, "mapped.onnx_adapter")
+	r := mustRun(t, "convert-adapter", prefixed, "-o", mapped, "--model", model)
+	if !strings.Contains(r.stderr, "PEFT module model.decoder.layers.0.proj -> model input layers.0.proj.lora_A.weight") {
+		t.Errorf("stderr: %s", r.stderr)
+	}
+	a, err := export.ReadOnnxAdapter(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := export.ReadOnnxAdapter(mapped)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(a.Params, b.Params) {
+		t.Error("the --model conversion of the prefixed dir differs from the plain conversion")
+	}
+
+	// A module whose shapes do not fit: layers.1.proj (6 -> 5) renamed to
+	// layers.0.proj, whose inputs are [8, r] and [r, 6].
+	wrong := filepath.Join(tmp, "wrong")
+	w := []export.PEFTModule{mods[1]}
+	w[0].Name = "layers.0.proj"
+	if err := export.WritePEFTAdapter(wrong, export.NewPEFTConfig(w[0].Rank, w[0].Alpha), w); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"shape", []string{wrong, "--model", model}, "gives layers.0.proj.lora_A.weight shape [6 2], but model input layers.0.proj.lora_A.weight has dim 0 = 8"},
+		{"dtype", []string{filepath.Join(adaptersTestdata, "peft-plain"), "--model", model, "--dtype", "float16"}, "--dtype float16, but model input"},
+		{"no lora inputs", []string{filepath.Join(adaptersTestdata, "peft-plain"), "--model", filepath.Join(adaptersTestdata, "base.onnx")}, "has no LoRA adapter inputs"},
+		{"not a model", []string{filepath.Join(adaptersTestdata, "peft-plain"), "--model", filepath.Join(adaptersTestdata, "adapter1.onnx_adapter")}, "onnxlora: "},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			out := filepath.Join(tmp, c.name+".onnx_adapter")
+			r := run(t, append([]string{"convert-adapter", "-o", out}, c.args...)...)
+			if r.code != 1 || !strings.Contains(r.stderr, c.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+				t.Fatalf("exit %d, stderr %q; want exit 1 and one line with %q", r.code, r.stderr, c.want)
+			}
+			if _, err := os.Stat(out); err == nil {
+				t.Error("output written")
+			}
+		})
+	}
+	if r := run(t, "convert-adapter", filepath.Join(adaptersTestdata, "adapter1.onnx_adapter"), "-o", filepath.Join(tmp, "d"), "--model", model); r.code != 2 {
+		t.Errorf("--model with an .onnx_adapter input: exit %d", r.code)
+	}
+}
