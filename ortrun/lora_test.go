@@ -463,3 +463,24 @@ func TestORTLoraTestModel(t *testing.T) {
 		}
 	}
 }
+
+// TestORTAcceptsWrittenAdapters: ONNX Runtime's own reader (memory-mapped
+// and from bytes) accepts what export writes for every kind of parameter:
+// float16, bfloat16, double, int64 scalar, uint8 and an empty tensor.
+func TestORTAcceptsWrittenAdapters(t *testing.T) {
+	orttest.Require(t)
+	a := readAdapter(t, "mixed.onnx_adapter")
+	p := filepath.Join(t.TempDir(), "mixed.onnx_adapter")
+	if err := export.WriteOnnxAdapter(p, a); err != nil {
+		t.Fatal(err)
+	}
+	ad := loadAdapter(t, p)
+	if got := ad.Params(); len(got) != len(a.Params) || got[3].Name != "scalar" || len(got[3].Shape) != 0 || got[4].Shape[1] != 0 {
+		t.Errorf("params %+v", got)
+	}
+	b, err := ortrun.NewAdapter(a, "mixed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+}
