@@ -96,6 +96,10 @@ func checkParam(p *OnnxAdapterParam) error {
 	if p.Name == "" {
 		return errors.New("a parameter has no name")
 	}
+	// ONNX Runtime (1.30) refuses parameters without dims.
+	if len(p.Dims) == 0 {
+		return fmt.Errorf("parameter %q is a scalar (no dims), which ONNX Runtime refuses; give it shape [1]", p.Name)
+	}
 	if !onnxAdapterDataType(p.DataType) {
 		return fmt.Errorf("parameter %q has data type %v, which an adapter cannot hold", p.Name, p.DataType)
 	}

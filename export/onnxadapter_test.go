@@ -191,7 +191,7 @@ func TestOnnxAdapterFloats(t *testing.T) {
 			t.Errorf("%s: rebuilt %x, file has %x", name, q.Data, p.Data)
 		}
 	}
-	s, _ := a.Param("scalar")
+	s, _ := a.Param("one")
 	if _, err := s.Float64s(); err == nil || !strings.Contains(err.Error(), "not a float type") {
 		t.Errorf("Float64s of an INT64 param: %v", err)
 	}
@@ -298,6 +298,7 @@ func TestOnnxAdapterReject(t *testing.T) {
 		{"undefined type", buildRaw(1, with(func(p *rawParam) { p.dataType = 0 }), false, "TORT"), "data type UNDEFINED"},
 		{"type outside the enum", buildRaw(1, with(func(p *rawParam) { p.dataType = 21 }), false, "TORT"), "which an adapter cannot hold"},
 		{"duplicate", buildRaw(1, []rawParam{good, good}, false, "TORT"), `"a" appears twice`},
+		{"scalar", buildRaw(1, with(func(p *rawParam) { p.dims, p.data = []int64{}, f32(1) }), false, "TORT"), "is a scalar (no dims)"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -372,7 +373,8 @@ func TestWriteOnnxAdapter(t *testing.T) {
 		{Params: []OnnxAdapterParam{{Name: "w", DataType: graph.Float, Dims: []int64{2}, Data: f32bytes(1.5)}}},
 		{Params: []OnnxAdapterParam{ok.Params[0], ok.Params[0]}},
 		{Params: []OnnxAdapterParam{{Name: "", DataType: graph.Float, Dims: []int64{1}, Data: f32bytes(1)}}},
-		{Params: []OnnxAdapterParam{{Name: "s", DataType: graph.String, Dims: []int64{}, Data: nil}}},
+		{Params: []OnnxAdapterParam{{Name: "s", DataType: graph.String, Dims: []int64{1}, Data: nil}}},
+		{Params: []OnnxAdapterParam{{Name: "scalar", DataType: graph.Float, Dims: []int64{}, Data: f32bytes(1)}}},
 	}
 	for i, a := range bad {
 		if err := WriteOnnxAdapter(p, a); err == nil {
@@ -416,7 +418,7 @@ func FuzzOnnxAdapterRead(f *testing.F) {
 		f.Add(buf)
 		f.Add(buf[:len(buf)/2])
 	}
-	f.Add(buildRaw(1, []rawParam{{name: strp("a"), dims: []int64{}, dataType: 7, data: make([]byte, 8)}}, false, "TORT"))
+	f.Add(buildRaw(1, []rawParam{{name: strp("a"), dims: []int64{1}, dataType: 7, data: make([]byte, 8)}}, false, "TORT"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a, err := ParseOnnxAdapter(data, "fuzz")
 		if err != nil {

@@ -128,7 +128,7 @@ func TestAdapterFileReportMixed(t *testing.T) {
 		t.Errorf("report %+v", r)
 	}
 	for _, p := range r.Params {
-		if (p.Norm == nil) != (p.Name == "scalar" || p.Name == "bytes") {
+		if (p.Norm == nil) != (p.Name == "one" || p.Name == "bytes") {
 			t.Errorf("%s: norm %v", p.Name, p.Norm)
 		}
 		if p.Name == "double" && math.Abs(*p.Norm-1e300) > 1e295 {

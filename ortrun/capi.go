@@ -258,6 +258,7 @@ import "C"
 
 import (
 	"errors"
+	"strings"
 	"unsafe"
 )
 
@@ -275,7 +276,8 @@ func statusErr(st *C.OrtStatus) error {
 	}
 	msg := C.ortrun_status_msg(st)
 	defer C.free(unsafe.Pointer(msg))
-	return errors.New(C.GoString(msg))
+	// Some ORT messages end in a newline and indentation; errors are one line.
+	return errors.New(strings.ReplaceAll(strings.TrimSpace(C.GoString(msg)), "\n", " "))
 }
 
 // cLoad loads the library at path and returns its version string.

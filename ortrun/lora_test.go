@@ -358,6 +358,9 @@ func TestAdapterErrors(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("got %v, want an error containing %q", err, c.want)
 			}
+			if strings.ContainsAny(err.Error(), "\n\r") {
+				t.Errorf("multi-line error: %q", err)
+			}
 			t.Logf("%v", err)
 		})
 	}
@@ -466,7 +469,7 @@ func TestORTLoraTestModel(t *testing.T) {
 
 // TestORTAcceptsWrittenAdapters: ONNX Runtime's own reader (memory-mapped
 // and from bytes) accepts what export writes for every kind of parameter:
-// float16, bfloat16, double, int64 scalar, uint8 and an empty tensor.
+// float16, bfloat16, double, int64, uint8 and an empty tensor.
 func TestORTAcceptsWrittenAdapters(t *testing.T) {
 	orttest.Require(t)
 	a := readAdapter(t, "mixed.onnx_adapter")
@@ -475,7 +478,7 @@ func TestORTAcceptsWrittenAdapters(t *testing.T) {
 		t.Fatal(err)
 	}
 	ad := loadAdapter(t, p)
-	if got := ad.Params(); len(got) != len(a.Params) || got[3].Name != "scalar" || len(got[3].Shape) != 0 || got[4].Shape[1] != 0 {
+	if got := ad.Params(); len(got) != len(a.Params) || got[3].Name != "one" || len(got[3].Shape) != 1 || got[4].Shape[1] != 0 {
 		t.Errorf("params %+v", got)
 	}
 	b, err := ortrun.NewAdapter(a, "mixed")

@@ -21,8 +21,9 @@ Outputs (next to this script; re-running gives identical bytes):
   base.onnx               the same two MatMuls without LoRA
   adapter1.onnx_adapter   rank 4 on both modules (float32)
   adapter2.onnx_adapter   ranks 2 and 3 (float32)
-  mixed.onnx_adapter      FLOAT16/BFLOAT16/DOUBLE/INT64/UINT8 params, a scalar and
+  mixed.onnx_adapter      FLOAT16/BFLOAT16/DOUBLE/INT64/UINT8 params, a [1] and
                           an empty tensor, adapter_version 7, model_version 3
+                          (no scalar: ONNX Runtime refuses parameters without dims)
   adapters_expected.json  every param of the three files: dims, data_type, data hex
   peft-plain/             PEFT dir: r 4, lora_alpha 8, rank_pattern/alpha_pattern
                           for layers.1.proj (r 2, alpha 3), float32
@@ -258,7 +259,7 @@ def main():
         ("half", FLOAT16, [3, 2], h.astype("<f2").tobytes()),
         ("brain", BFLOAT16, [2, 3], bf16_bytes(h.T)),
         ("double", DOUBLE, [2], np.array([math.pi, -1e300], "<f8").tobytes()),
-        ("scalar", INT64, [], np.array([-5], "<i8").tobytes()),
+        ("one", INT64, [1], np.array([-5], "<i8").tobytes()),
         ("empty", FLOAT, [3, 0], b""),
         ("bytes", UINT8, [5], bytes([0, 1, 2, 254, 255])),
     ]
