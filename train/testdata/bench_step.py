@@ -133,7 +133,8 @@ def main():
           % (RANK, BATCH, args.steps, args.rounds))
     print("onnxlora train: %.3f ms/step median (min %.3f), peak RSS %.0f MB" % (med(ours), min(ours), ours_rss))
     print("torch eager:    %.3f ms/step median (min %.3f), peak RSS %.0f MB" % (med(theirs), min(theirs), theirs_rss))
-    print("ratio onnxlora/torch (medians): %.2f" % (med(ours) / med(theirs)))
+    print("ratio onnxlora/torch (medians): %.2f; per round: %s" % (
+        med(ours) / med(theirs), " ".join("%.2f" % (a / b) for a, b in zip(ours, theirs))))
 
 
 if __name__ == "__main__":
