@@ -351,6 +351,12 @@ func WriteDirAtomic(dir string, files []DirFile) (err error) {
 	if exists && !st.IsDir() {
 		return fmt.Errorf("%s: not a folder", dir)
 	}
+	if exists {
+		// A link to a folder: replace the folder, keep the link.
+		if real, err := filepath.EvalSymlinks(dir); err == nil {
+			dir = real
+		}
+	}
 	removeStale(dir, ours)
 	parent := filepath.Dir(dir)
 	tmp := filepath.Join(parent, tmpPrefix(dir)+randomSuffix())

@@ -235,3 +235,45 @@ func TestWriteDirAtomic(t *testing.T) {
 		})
 	}
 }
+
+func TestWriteDirAtomicThroughLink(t *testing.T) {
+	parent := t.TempDir()
+	real := filepath.Join(parent, "real")
+	os.Mkdir(real, 0o755)
+	os.WriteFile(filepath.Join(real, "config"), []byte("old"), 0o644)
+	link := filepath.Join(parent, "link")
+	if err := os.Symlink("real", link); err != nil {
+		t.Skip("no symbolic links here:", err)
+	}
+	if err := WriteDirAtomic(link, []DirFile{{"config", writeString("new")}}); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Lstat(link); err != nil || st.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("the link was replaced: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(real, "config")); string(b) != "new" {
+		t.Errorf("the linked folder holds %q", b)
+	}
+	if names := listDir(t, parent); !slices.Equal(names, []string{"link", "real"}) {
+		t.Errorf("left beside: %v", names)
+	}
+}
+
+// Saving inline over an output that had external data removes its data file.
+func TestSaveInlineOverExternalOutput(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "out.onnx")
+	if err := atomicModel(1).Save(p, SaveOptions{External: ExternalAlways, Threshold: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := atomicModel(2).Save(p, SaveOptions{External: ExternalNever}); err != nil {
+		t.Fatal(err)
+	}
+	if names := listDir(t, dir); !slices.Equal(names, []string{"out.onnx"}) {
+		t.Errorf("after an inline save over an external one: %v", names)
+	}
+	w, _ := mustLoad(t, p).Graph().Initializer("w")
+	if IsExternal(w) || w.RawData[0] != 2 {
+		t.Error("the inline model is not the second one")
+	}
+}

@@ -87,7 +87,7 @@ func (m *Model) Save(path string, opts SaveOptions) error {
 		external = m.hasExternal() || proto.Size(m.Proto) > maxProtoSize
 	}
 	if !external {
-		return m.saveInline(path)
+		return m.saveInline(path, opts)
 	}
 	return m.saveExternal(path, opts)
 }
@@ -146,7 +146,7 @@ func (m *Model) inputFiles() []string {
 
 // saveInline writes a single self-contained protobuf, reading any external
 // tensors into memory for the duration of the write.
-func (m *Model) saveInline(path string) error {
+func (m *Model) saveInline(path string, opts SaveOptions) error {
 	var saved []tensorState
 	defer func() { restore(saved) }()
 	var err error
@@ -170,10 +170,13 @@ func (m *Model) saveInline(path string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	return WriteFileAtomic(path, func(w io.Writer) error {
-		_, err := w.Write(data)
+	// Through the pair writer, without data, so that the data file of an
+	// earlier output at path goes too.
+	pw, err := m.NewPairWriter(path, opts.DataFile)
+	if err != nil {
 		return err
-	})
+	}
+	return pw.Commit(data, false)
 }
 
 // readExternal reads all the bytes an external tensor's reference covers,
