@@ -24,6 +24,9 @@ type ModelOptions struct {
 	Trainable []string
 	// Session tunes the ONNX Runtime session (threads, optimization).
 	Session ortrun.Options
+	// Device is "cpu" (default) or "cuda" for ONNX Runtime's CUDA provider
+	// on the first GPU.
+	Device string
 }
 
 // Model is an injected ONNX model opened for training: the input model
@@ -114,7 +117,15 @@ func OpenModel(path string, opts ModelOptions) (*Model, error) {
 	if err := sm.Save(stepPath, graph.SaveOptions{}); err != nil {
 		return nil, fmt.Errorf("saving the step graph: %w", err)
 	}
-	if m.sess, err = ortrun.Open(stepPath, &opts.Session); err != nil {
+	switch opts.Device {
+	case "", "cpu":
+		m.sess, err = ortrun.Open(stepPath, &opts.Session)
+	case "cuda":
+		m.sess, err = ortrun.OpenCUDA(stepPath, &opts.Session, 0)
+	default:
+		err = fmt.Errorf("unknown device %q: want cpu or cuda", opts.Device)
+	}
+	if err != nil {
 		return nil, err
 	}
 

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -16,7 +15,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/onnxlora/onnxlora/graph"
-	"github.com/onnxlora/onnxlora/ortrun"
 	"github.com/onnxlora/onnxlora/train"
 )
 
@@ -181,12 +179,6 @@ func (o *TrainOptions) runConfig(total int64) map[string]any {
 
 func runTrain(opts *TrainOptions) error {
 	ios := opts.IO
-	if opts.Device == "cuda" {
-		if err := ortrun.Init(); err != nil {
-			return err
-		}
-		return errors.New("--device cuda: this onnxlora does not enable ONNX Runtime's CUDA provider yet; train on cpu")
-	}
 	data, err := train.LoadJSONL(opts.Data)
 	if err != nil {
 		return err
@@ -198,7 +190,7 @@ func runTrain(opts *TrainOptions) error {
 		}
 	}
 	stop := ios.StartProgress("building the step graph of " + opts.Model)
-	model, err := train.OpenModel(opts.Model, train.ModelOptions{Loss: opts.Loss, Output: opts.ModelOutput})
+	model, err := train.OpenModel(opts.Model, train.ModelOptions{Loss: opts.Loss, Output: opts.ModelOutput, Device: opts.Device})
 	stop()
 	if err != nil {
 		return err

@@ -368,6 +368,7 @@ func TestTrainBadInput(t *testing.T) {
 		{"label outside classes", mlp, write("f.jsonl", "{\"x\": [0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0], \"labels\": 5}\n"), []string{"--loss", "cross-entropy"}, "label outside [0, 5)"},
 		{"no adapters", model("tiny-llama.onnx"), write("g.jsonl", "{\"input_ids\": [1, 2]}\n"), nil, "no adapters to train"},
 		{"missing data", llama, filepath.Join(dir, "none.jsonl"), nil, "none.jsonl"},
+		{"no cuda here", llama, write("i.jsonl", "{\"input_ids\": [1, 2]}\n"), []string{"--device", "cuda"}, "CUDA"},
 		{"pad id outside", llama, write("h.jsonl", "{\"input_ids\": [1, 2]}\n"), []string{"--pad-id", "64"}, "pad id 64"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
