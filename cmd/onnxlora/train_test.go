@@ -442,3 +442,102 @@ func TestTrainFineTuneLearns(t *testing.T) {
 		t.Errorf("--plot wrote no SVG with the eval curve (%v)", err)
 	}
 }
+
+// TestTrainFirstStepMatchesGradCases feeds each batch of testdata/grad as
+// JSONL rows (padded rows cut to their length, without attention_mask and
+// position_ids, so train must pad and fill them back) and checks the step-1
+// loss and gradient norm of --json against torch autograd's, for all three
+// losses.
+func TestTrainFirstStepMatchesGradCases(t *testing.T) {
+	orttest.Require(t)
+	for _, name := range []string{"tiny-llama-causal-lm-pad", "tiny-llama-qv", "tiny-gpt-causal-lm",
+		"tiny-gpt2-opset14-causal-lm", "mlp-classifier-cross-entropy", "mlp-classifier-mse", "mlp-gemm-transb-mse"} {
+		t.Run(name, func(t *testing.T) {
+			b, err := os.ReadFile(filepath.Join("../../testdata/grad", name+".json"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var g struct {
+				Model  string `json:"model"`
+				Inject *struct {
+					Targets []string `json:"targets"`
+					Rank    int      `json:"rank"`
+					Alpha   float64  `json:"alpha"`
+				} `json:"inject"`
+				Loss     string                     `json:"loss"`
+				Inputs   map[string]trainCaseTensor `json:"inputs"`
+				Params   map[string]trainCaseTensor `json:"params"`
+				Expected struct {
+					Loss  float64                    `json:"loss"`
+					Grads map[string]trainCaseTensor `json:"grads"`
+				} `json:"expected"`
+			}
+			if err := json.Unmarshal(b, &g); err != nil {
+				t.Fatal(err)
+			}
+			c := &trainCase{Model: g.Model, Inject: g.Inject}
+			dir := t.TempDir()
+			start := c.injectWith(t, dir, "start.onnx", g.Params)
+
+			// One JSONL row per batch row.
+			var batch int64
+			for _, v := range g.Inputs {
+				batch = v.Shape[0]
+			}
+			mask, padded := g.Inputs["attention_mask"]
+			var sb strings.Builder
+			for i := int64(0); i < batch; i++ {
+				row := map[string]any{}
+				length := int64(-1)
+				if padded {
+					T := mask.Shape[1]
+					length = 0
+					for _, m := range mask.Data[i*T : (i+1)*T] {
+						length += int64(m)
+					}
+				}
+				for k, v := range g.Inputs {
+					if padded && (k == "attention_mask" || k == "position_ids") {
+						continue
+					}
+					per := int64(len(v.Data)) / batch
+					vals := v.Data[i*per : (i+1)*per]
+					switch {
+					case len(v.Shape) == 1:
+						row[k] = vals[0]
+					case len(v.Shape) == 2 && length >= 0:
+						row[k] = vals[:length]
+					case len(v.Shape) == 2:
+						row[k] = vals
+					default:
+						t.Fatalf("input %s has rank %d", k, len(v.Shape))
+					}
+				}
+				line, _ := json.Marshal(row)
+				sb.Write(append(line, '\n'))
+			}
+			data := filepath.Join(dir, "rows.jsonl")
+			if err := os.WriteFile(data, []byte(sb.String()), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			r := mustRun(t, "train", start, "--data", data, "-o", filepath.Join(dir, "out.onnx"), "--steps", "1",
+				"--batch-size", fmt.Sprint(batch), "--loss", g.Loss, "--optimizer", "sgd", "--lr", "0",
+				"--max-grad-norm", "0", "--shuffle=false", "--json", "-q")
+			steps, _ := readRecords(t, r.stdout)
+			var sq float64
+			for n, gr := range g.Expected.Grads {
+				if strings.Contains(n, "lora_") {
+					for _, x := range gr.Data {
+						sq += x * x
+					}
+				}
+			}
+			norm := math.Sqrt(sq)
+			if len(steps) != 1 || math.Abs(steps[0].Loss-g.Expected.Loss) > 1e-5*math.Abs(g.Expected.Loss) ||
+				math.Abs(steps[0].GradNorm-norm) > 1e-4*norm {
+				t.Fatalf("step 1 %+v; torch loss %.9g, adapter grad norm %.9g", steps, g.Expected.Loss, norm)
+			}
+			t.Logf("loss %.9g (torch %.9g), grad norm %.9g (torch %.9g)", steps[0].Loss, g.Expected.Loss, steps[0].GradNorm, norm)
+		})
+	}
+}
