@@ -276,6 +276,12 @@ func runTrain(opts *TrainOptions) error {
 		var cancel context.CancelFunc
 		ctx, cancel = signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer cancel()
+		go func() {
+			// After the first signal the default handling comes back, so
+			// a second Ctrl-C kills at once (OUT is written atomically).
+			<-ctx.Done()
+			cancel()
+		}()
 	}
 	res, err := tr.Run(ctx)
 	if bar != nil {
