@@ -314,3 +314,44 @@ func TestCheckpointRejectsDamage(t *testing.T) {
 		}
 	}
 }
+
+func TestSaveEveryAndConfigErrors(t *testing.T) {
+	l := loadLoops(t)[0]
+	tr := l.setup(t)
+	tr.Config.Steps, tr.Config.SaveEvery = 5, 2
+	var at []int64
+	tr.OnCheckpoint = func(c *Checkpoint) error {
+		if len(c.Params) != 2 || c.Optimizer.Kind != "adamw" {
+			t.Errorf("checkpoint at step %d: %d params, optimizer %q", c.Step, len(c.Params), c.Optimizer.Kind)
+		}
+		at = append(at, c.Step)
+		return nil
+	}
+	if _, err := tr.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(at) != "[2 4]" {
+		t.Errorf("checkpoints at steps %v, want [2 4] (the caller saves after the last)", at)
+	}
+	for _, bad := range []func(*Config){
+		func(c *Config) { c.BatchSize = 0 },
+		func(c *Config) { c.GradAccum = 0 },
+		func(c *Config) { c.LR = math.NaN() },
+		func(c *Config) { c.Optimizer = "adam" },
+		func(c *Config) { c.Scheduler = "step" },
+		func(c *Config) { c.Beta2 = 1 },
+		func(c *Config) { c.Steps, c.Epochs = 0, 0 },
+		func(c *Config) { c.MaxGradNorm = -1 },
+	} {
+		c := DefaultConfig()
+		bad(&c)
+		if err := c.Validate(); err == nil {
+			t.Errorf("config %+v accepted", c)
+		}
+	}
+	c := DefaultConfig()
+	c.Epochs, c.BatchSize, c.GradAccum = 2.5, 4, 2
+	if n := c.TotalSteps(10); n != 3 { // floor(2.5 * 3 batches / 2)
+		t.Errorf("total steps %d, want 3", n)
+	}
+}
