@@ -141,7 +141,7 @@ func (r Record) MarshalJSON() ([]byte, error) {
 			Loss float64  `json:"eval_loss"`
 			PPL  *float64 `json:"eval_perplexity,omitempty"`
 		}{r.Step, r.EvalLoss, nil}
-		if r.EvalPerplexity != 0 {
+		if r.EvalPerplexity != 0 && !math.IsInf(r.EvalPerplexity, 0) {
 			v.PPL = &r.EvalPerplexity
 		}
 		return json.Marshal(v)
@@ -364,6 +364,9 @@ func (t *Trainer) Run(ctx context.Context) (*Result, error) {
 			}
 		}
 		norm := ClipGradNorm(t.Params, t.Config.MaxGradNorm)
+		if math.IsNaN(norm) || math.IsInf(norm, 0) {
+			return nil, fmt.Errorf("step %d: the gradient norm is %v; lower --lr or check the data", t.step+1, norm)
+		}
 		lr := t.Config.LR * sched(t.step)
 		t.opt.Step(t.Params, lr)
 		t.step++
