@@ -116,6 +116,12 @@ from it.`,
 	fl.StringVar(&opts.Plot, "plot", "", "draw the loss curve to this .svg or .png file")
 	fl.StringVar(&opts.Device, "device", "cpu", "cpu, or cuda for ONNX Runtime's CUDA provider")
 	registerExternalFlag(cmd, &opts.External)
+	for flag, values := range map[string][]string{
+		"optimizer": {"adamw", "sgd"}, "lr-scheduler": {"constant", "linear", "cosine"},
+		"loss": {"causal-lm", "cross-entropy", "mse"}, "device": {"cpu", "cuda"},
+	} {
+		_ = cmd.RegisterFlagCompletionFunc(flag, cobra.FixedCompletions(values, cobra.ShellCompDirectiveNoFileComp))
+	}
 	_ = cmd.MarkFlagFilename("data", "jsonl")
 	_ = cmd.MarkFlagFilename("eval-data", "jsonl")
 	return cmd
