@@ -14,8 +14,7 @@ import (
 type Config struct {
 	// Steps is the number of optimizer steps; 0 derives it from Epochs.
 	Steps int64
-	// Epochs is used when Steps is 0: Epochs·ceil(rows/BatchSize)/GradAccum
-	// steps, rounded down, at least 1.
+	// Epochs is used when Steps is 0 (see TotalSteps).
 	Epochs    float64
 	BatchSize int
 	// GradAccum batches make one optimizer step; the gradient is the mean
@@ -93,13 +92,16 @@ func (c *Config) Validate() error {
 }
 
 // TotalSteps is the run's number of optimizer steps for a dataset of rows
-// examples.
+// examples: Steps, or as transformers' Trainer derives max_steps from
+// epochs, ceil(Epochs·max(1, floor(batches/GradAccum))) with
+// batches = ceil(rows/BatchSize).
 func (c *Config) TotalSteps(rows int) int64 {
 	if c.Steps > 0 {
 		return c.Steps
 	}
-	nb := float64((rows + c.BatchSize - 1) / c.BatchSize)
-	return max(1, int64(math.Floor(c.Epochs*nb/float64(c.GradAccum))))
+	nb := int64((rows + c.BatchSize - 1) / c.BatchSize)
+	perEpoch := max(1, nb/int64(c.GradAccum))
+	return max(1, int64(math.Ceil(c.Epochs*float64(perEpoch))))
 }
 
 func (c *Config) newOptimizer() Optimizer {

@@ -349,9 +349,16 @@ func TestSaveEveryAndConfigErrors(t *testing.T) {
 			t.Errorf("config %+v accepted", c)
 		}
 	}
-	c := DefaultConfig()
-	c.Epochs, c.BatchSize, c.GradAccum = 2.5, 4, 2
-	if n := c.TotalSteps(10); n != 3 { // floor(2.5 * 3 batches / 2)
-		t.Errorf("total steps %d, want 3", n)
+	// Trainer: ceil(epochs * max(1, batches // accum)).
+	for _, tc := range []struct {
+		epochs     float64
+		rows, b, k int
+		want       int64
+	}{{2.5, 10, 4, 2, 3}, {3, 10, 4, 2, 3}, {1, 10, 4, 1, 3}, {0.5, 10, 4, 1, 2}, {1, 3, 8, 4, 1}, {2, 64, 8, 2, 8}} {
+		c := DefaultConfig()
+		c.Epochs, c.BatchSize, c.GradAccum = tc.epochs, tc.b, tc.k
+		if n := c.TotalSteps(tc.rows); n != tc.want {
+			t.Errorf("%v epochs of %d rows, batch %d, accum %d: %d steps, want %d", tc.epochs, tc.rows, tc.b, tc.k, n, tc.want)
+		}
 	}
 }
