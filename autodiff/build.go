@@ -55,6 +55,9 @@ type Step struct {
 	Params []Param `json:"params"`
 	// Opset is the default-domain opset of the step graph.
 	Opset int64 `json:"opset"`
+	// RaisedFrom is the model's opset when Build raised it to 13 (0 if
+	// it did not).
+	RaisedFrom int64 `json:"raised_from,omitempty"`
 }
 
 // Names of the step graph's fixed inputs and outputs (those ONNX Runtime
@@ -74,7 +77,36 @@ var ErrNoRule = errors.New("no gradient rule")
 // The step graph's inputs are the model's inputs, `labels` and every
 // parameter; its outputs are `loss` and `<param>_grad`. Only nodes on a path
 // from a parameter to the loss are differentiated, reusing forward values.
+//
+// A model of opset 9..12 is raised to opset 13 (see the package doc) when,
+// and only when, a gradient needs reduction axes known only at run time;
+// Step.Opset says which opset the step graph has.
 func Build(m *graph.Model, opts Options) (*Step, error) {
+	if m.Proto.GetGraph() == nil {
+		return nil, errors.New("autodiff: the model has no graph")
+	}
+	if m.Opset() >= 13 {
+		return build(m, opts)
+	}
+	orig := proto.Clone(m.Proto).(*onnxpb.ModelProto)
+	step, err := build(m, opts)
+	if !errors.Is(err, errNeedsOpset13) {
+		return step, err
+	}
+	m.Proto = orig
+	from := m.Opset()
+	if uerr := upgradeToOpset13(m); uerr != nil {
+		return nil, fmt.Errorf("%w; raising the model to opset 13 failed: %v", err, uerr)
+	}
+	step, err = build(m, opts)
+	if err != nil {
+		return nil, fmt.Errorf("%w (after raising the model from opset %d to 13)", err, from)
+	}
+	step.RaisedFrom = from
+	return step, nil
+}
+
+func build(m *graph.Model, opts Options) (*Step, error) {
 	if m.Proto.GetGraph() == nil {
 		return nil, errors.New("autodiff: the model has no graph")
 	}

@@ -303,7 +303,7 @@ func (e *emitter) reduceTo(g, x, out string) (string, error) {
 			return e.reshape(e.reduce("ReduceSum", rows, []int64{0}, false), e.shape(x)), nil
 		}
 		if !ok {
-			return "", fmt.Errorf("broadcasting of %q to %q with dims unknown when the graph is built needs opset 13 (the model has %d)", x, out, e.opset)
+			return "", fmt.Errorf("reducing the gradient of %q broadcast to %q over axes known only at run time %w (the model has %d)", x, out, errNeedsOpset13, e.opset)
 		}
 		if len(axes) == 0 {
 			return e.reshapeLike(g, x), nil

@@ -82,14 +82,22 @@ func (e *emitter) classLoss(scores, labels string) string {
 		axis = int64(e.ti.rank(scores) - 1)
 	}
 	flat := e.op("Flatten", []string{scores}, intAttr("axis", axis))
-	e.ti.shape[flat] = []dim{{value: -1}, {value: -1}}
 	lab := e.reshape(labels, e.ints(-1))
 	ignored := e.op("Equal", []string{lab, e.scalar(graph.Int64, IgnoreIndex)})
 	safe := e.where(ignored, e.scalar(graph.Int64, 0), lab)
 	valid := e.cast(e.op("Not", []string{ignored}), dt)
 	logp := e.op("LogSoftmax", []string{flat}, intAttr("axis", 1))
 	depth := e.op("Gather", []string{e.shape(flat), e.scalar(graph.Int64, 1)})
-	picked := e.reduce("ReduceSum", e.mul(logp, e.oneHot(safe, depth, dt, -1)), []int64{1}, false)
+	// Declared shapes let the backward see that no product here
+	// broadcasts, which older opsets need to know when the graph is built.
+	rows, classes := dim{value: -1, param: "/loss/rows"}, dim{value: -1, param: "/loss/classes"}
+	onehot := e.oneHot(safe, depth, dt, -1)
+	for _, v := range []string{flat, logp, onehot} {
+		e.ti.shape[v] = []dim{rows, classes}
+	}
+	e.ti.shape[valid] = []dim{rows}
+	picked := e.reduce("ReduceSum", e.mul(logp, onehot), []int64{1}, false)
+	e.ti.shape[picked] = []dim{rows}
 	total := e.reduce("ReduceSum", e.mul(picked, valid), nil, false)
 	count := e.reduce("ReduceSum", valid, nil, false)
 	loss := e.neg(e.div(total, count))
