@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine, and nothing twice:
 # Debian's python3-onnx (onnx.checker and the reference merge script),
+# python3-flatbuffers (reads .onnx_adapter files onnxlora writes, as a second
+# implementation),
 # libonnx-testdata (round-trip models), protobuf-compiler and protoc-gen-go
 # (to check the generated Go types are current), graphviz (to render the
 # inspect --dot goldens), the ONNX Runtime library
@@ -10,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in python3-onnx python3-numpy libonnx-testdata protobuf-compiler graphviz; do
+for pkg in python3-onnx python3-numpy python3-flatbuffers libonnx-testdata protobuf-compiler graphviz; do
 	dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -32,3 +32,4 @@ go test -count=1 ./...
 fuzztime="${FUZZTIME:-15s}"
 go test ./graph -run '^$' -fuzz '^FuzzLoad$' -fuzztime "$fuzztime"
 go test ./export -run '^$' -fuzz '^FuzzSafetensorsRead$' -fuzztime "$fuzztime"
+go test ./export -run '^$' -fuzz '^FuzzOnnxAdapterRead$' -fuzztime "$fuzztime"
