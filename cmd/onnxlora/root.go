@@ -89,16 +89,17 @@ const (
 func NewCmdRoot(f *Factory) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "onnxlora <command> [flags]",
-		Short: "Add LoRA adapters to ONNX models and merge them back",
-		Long: `onnxlora adds LoRA adapters to ONNX models and merges trained adapters back,
-so fine-tuned models run in any ONNX runtime without Python.
+		Short: "Add LoRA adapters to ONNX models, train them, and merge them back",
+		Long: `onnxlora adds LoRA adapters to ONNX models, trains them, and merges trained
+adapters back, so fine-tuned models run in any ONNX runtime without Python.
 
 The lifecycle of a model:
 
   inspect   list the layers that can take an adapter, and the adapters present
   inject    add LoRA branches (A, B, scaling) beside the chosen MatMul/Gemm layers
-  (train)   train the injected lora_A/lora_B initializers, e.g. with ONNX Runtime
-            training; the model's manifest lists them under "trainable"
+  train     fine-tune the adapters on JSONL data, on ONNX Runtime, with
+            torch's optimizers and Trainer's schedules
+  grad      write the training-step graph (loss and gradients in plain ONNX)
   merge     fold trained adapters into the base weights (W + scaling*A*B),
             or apply a PEFT adapter directory (merge BASE --adapter DIR)
   verify    run two models in ONNX Runtime on the same inputs and compare
