@@ -48,6 +48,37 @@ type PEFTModule struct {
 	Scaling     float64   // Alpha/Rank, or Alpha/sqrt(Rank) with use_rslora
 	A           []float32 // lora_A weight, [Rank, InFeatures] row-major
 	B           []float32 // lora_B weight, [OutFeatures, Rank] row-major
+	// Embedding marks LoRA on an nn.Embedding: the keys are
+	// <module>.lora_embedding_A and .lora_embedding_B (parameters, no
+	// ".weight"), A is [Rank, num_embeddings] and B [embedding_dim, Rank],
+	// so InFeatures is the vocabulary size, OutFeatures the embedding width,
+	// and the delta on the [num_embeddings, embedding_dim] table is
+	// Scaling·(B·A)ᵀ.
+	Embedding bool
+}
+
+// PEFTSaved is one tensor of a modules_to_save module: a full trained copy
+// of a base parameter (a sequence classifier's "classifier.weight", say),
+// which replaces the base value instead of adding a delta.
+type PEFTSaved struct {
+	// Module is the module path ("classifier", "score",
+	// "classifier.out_proj") and Param the parameter ("weight", "bias").
+	Module, Param string
+	// Key is the tensor's key in the file, in either layout PEFT uses:
+	// base_model.model.<module>.<param> (save_pretrained) or
+	// base_model.model.<module>.modules_to_save.<adapter>.<param> (the
+	// wrapped model's own state_dict).
+	Key    string
+	DType  DType
+	Shape  []int
+	Values []float32
+}
+
+// PEFTAdapter is everything a PEFT LoRA adapter directory holds.
+type PEFTAdapter struct {
+	Config  *PEFTConfig
+	Modules []PEFTModule // LoRA modules, sorted by Name
+	Saved   []PEFTSaved  // modules_to_save tensors, sorted by Module, Param
 }
 
 // ShapeA returns the lora_A weight shape [Rank, InFeatures].
@@ -59,11 +90,39 @@ func (m *PEFTModule) ShapeB() []int { return []int{m.OutFeatures, m.Rank} }
 // ReadPEFTAdapter reads a PEFT LoRA adapter directory (adapter_config.json
 // and adapter_model.safetensors). Modules are sorted by Name, with A and B
 // loaded as float32 and rank, alpha and scaling resolved like PEFT does.
+// Embedding LoRA and modules_to_save weights are refused (errors wrapping
+// ErrUnsupported); ReadPEFTDir returns them.
 func ReadPEFTAdapter(dir string) (*PEFTConfig, []PEFTModule, error) {
-	cfg, err := ReadPEFTConfig(filepath.Join(dir, PEFTConfigFile))
+	a, err := ReadPEFTDir(dir)
 	if err != nil {
 		return nil, nil, err
 	}
+	if len(a.Saved) > 0 {
+		return nil, nil, fmt.Errorf("peft adapter %s: %w: modules_to_save weights (key %q) replace whole layers", dir, ErrUnsupported, a.Saved[0].Key)
+	}
+	for _, m := range a.Modules {
+		if m.Embedding {
+			return nil, nil, fmt.Errorf("peft adapter %s: %w: LoRA on an Embedding layer (key %q)", dir, ErrUnsupported, m.KeyA)
+		}
+	}
+	return a.Config, a.Modules, nil
+}
+
+// ReadPEFTDir reads a PEFT LoRA adapter directory with its embedding LoRA
+// modules and its modules_to_save tensors.
+func ReadPEFTDir(dir string) (*PEFTAdapter, error) {
+	cfg, err := ReadPEFTConfig(filepath.Join(dir, PEFTConfigFile))
+	if err != nil {
+		return nil, err
+	}
+	mods, saved, err := readPEFTWeights(dir, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &PEFTAdapter{Config: cfg, Modules: mods, Saved: saved}, nil
+}
+
+func readPEFTWeights(dir string, cfg *PEFTConfig) ([]PEFTModule, []PEFTSaved, error) {
 	wpath := filepath.Join(dir, PEFTWeightsFile)
 	if _, err := os.Stat(wpath); errors.Is(err, os.ErrNotExist) {
 		if _, berr := os.Stat(filepath.Join(dir, "adapter_model.bin")); berr == nil {
@@ -75,17 +134,20 @@ func ReadPEFTAdapter(dir string) (*PEFTConfig, []PEFTModule, error) {
 		return nil, nil, err
 	}
 	defer f.Close()
-	mods, err := collectModules(f, cfg)
+	mods, saved, err := collectModules(f, cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("peft adapter %s: %w", wpath, err)
 	}
-	return cfg, mods, nil
+	return mods, saved, nil
 }
 
-// loraKey is a parsed lora_A/lora_B key.
+// loraKey is a parsed tensor key: a lora_A/lora_B (or embedding) factor,
+// or a modules_to_save tensor when saved is set.
 type loraKey struct {
 	prefix, module, adapter string
-	isB                     bool
+	isB, embedding          bool
+	saved                   bool
+	param                   string // the parameter of a saved tensor ("weight")
 }
 
 // classifyKey parses a PEFT tensor key. It returns an error for keys of
@@ -100,11 +162,27 @@ func classifyKey(key string, cfg *PEFTConfig) (loraKey, error) {
 	for i := len(segs) - 1; i >= 0; i-- {
 		switch segs[i] {
 		case "lora_embedding_A", "lora_embedding_B":
-			return loraKey{}, fmt.Errorf("%w: LoRA on an Embedding layer (key %q)", ErrUnsupported, key)
+			// ParameterDict entries: "<module>.lora_embedding_A" as saved,
+			// "<module>.lora_embedding_A.<adapter>" in the live state_dict.
+			tail := segs[i+1:]
+			if i == 0 || len(tail) > 1 {
+				return loraKey{}, fmt.Errorf("unrecognised embedding LoRA key %q", key)
+			}
+			adapter := ""
+			if len(tail) == 1 {
+				adapter = tail[0]
+			}
+			return loraKey{prefix: prefix, module: strings.Join(segs[:i], "."), adapter: adapter, isB: segs[i] == "lora_embedding_B", embedding: true}, nil
 		case "lora_magnitude_vector":
 			return loraKey{}, fmt.Errorf("%w: DoRA magnitude vector (key %q)", ErrUnsupported, key)
 		case "modules_to_save":
-			return loraKey{}, fmt.Errorf("%w: modules_to_save weights (key %q) replace whole layers", ErrUnsupported, key)
+			// <module>.modules_to_save.<adapter>.<param path>
+			tail := segs[i+1:]
+			if i == 0 || len(tail) < 2 {
+				return loraKey{}, fmt.Errorf("unrecognised modules_to_save key %q", key)
+			}
+			owner := append(append([]string(nil), segs[:i]...), tail[1:len(tail)-1]...)
+			return loraKey{prefix: prefix, module: strings.Join(owner, "."), adapter: tail[0], saved: true, param: tail[len(tail)-1]}, nil
 		case "lora_A", "lora_B":
 			tail := segs[i+1:]
 			var adapter, leaf string
@@ -125,15 +203,24 @@ func classifyKey(key string, cfg *PEFTConfig) (loraKey, error) {
 			return loraKey{prefix: prefix, module: strings.Join(segs[:i], "."), adapter: adapter, isB: segs[i] == "lora_B"}, nil
 		}
 	}
+	// save_pretrained drops "modules_to_save.<adapter>.": the key is then
+	// the base parameter's own name under a module that modules_to_save
+	// names (PEFT's rule: the module path equals the entry or ends with
+	// "." + entry).
+	if len(segs) >= 2 {
+		for j := 1; j < len(segs); j++ {
+			mod := strings.Join(segs[:j], ".")
+			for _, m := range cfg.ModulesToSave {
+				if m != "" && (mod == m || strings.HasSuffix(mod, "."+m)) {
+					return loraKey{prefix: prefix, module: strings.Join(segs[:len(segs)-1], "."), saved: true, param: segs[len(segs)-1]}, nil
+				}
+			}
+		}
+	}
 	if segs[len(segs)-1] == "bias" {
 		return loraKey{}, fmt.Errorf("%w: trained bias %q (bias=%q)", ErrUnsupported, key, cfg.Bias)
 	}
-	for _, m := range cfg.ModulesToSave {
-		if rest == m || strings.HasPrefix(rest, m+".") || strings.Contains(rest, "."+m+".") {
-			return loraKey{}, fmt.Errorf("%w: modules_to_save weights (key %q) replace whole layers", ErrUnsupported, key)
-		}
-	}
-	return loraKey{}, fmt.Errorf("unrecognised tensor %q (not a lora_A/lora_B weight)", key)
+	return loraKey{}, fmt.Errorf("unrecognised tensor %q (not a lora_A/lora_B weight, nor under a modules_to_save module)", key)
 }
 
 // modulePair gathers the two tensors of one module while scanning keys.
@@ -151,12 +238,31 @@ func (p *modulePair) firstKey() string {
 	return p.keyB
 }
 
-func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, error) {
+func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSaved, error) {
 	byModule := map[string]*modulePair{}
+	var saved []PEFTSaved
+	savedKeys := map[string]string{}
 	for _, name := range f.Names() {
 		k, err := classifyKey(name, cfg)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
+		}
+		if k.saved {
+			id := k.module + "." + k.param
+			if prev, dup := savedKeys[id]; dup {
+				return nil, nil, fmt.Errorf("modules_to_save tensor %s appears twice (%q and %q)", id, prev, name)
+			}
+			savedKeys[id] = name
+			info, _ := f.Tensor(name)
+			if !info.DType.IsFloat() {
+				return nil, nil, fmt.Errorf("modules_to_save tensor %q: dtype %s is not a float type", name, info.DType)
+			}
+			vals, err := f.ReadFloat32(name)
+			if err != nil {
+				return nil, nil, err
+			}
+			saved = append(saved, PEFTSaved{Module: k.module, Param: k.param, Key: name, DType: info.DType, Shape: append([]int(nil), info.Shape...), Values: vals})
+			continue
 		}
 		p := byModule[k.module]
 		if p == nil {
@@ -164,23 +270,32 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, error) {
 			byModule[k.module] = p
 		}
 		if p.key.prefix != k.prefix || p.key.adapter != k.adapter {
-			return nil, fmt.Errorf("module %q appears under different prefixes or adapter names (%q and %q)", k.module, p.firstKey(), name)
+			return nil, nil, fmt.Errorf("module %q appears under different prefixes or adapter names (%q and %q)", k.module, p.firstKey(), name)
+		}
+		if p.key.embedding != k.embedding {
+			return nil, nil, fmt.Errorf("module %q has both Linear (lora_A/lora_B) and Embedding (lora_embedding_A/B) keys (%q and %q)", k.module, p.firstKey(), name)
 		}
 		info, _ := f.Tensor(name)
 		if k.isB {
 			if p.keyB != "" {
-				return nil, fmt.Errorf("module %q has two lora_B weights", k.module)
+				return nil, nil, fmt.Errorf("module %q has two lora_B weights", k.module)
 			}
 			p.keyB, p.infoB = name, info
 		} else {
 			if p.keyA != "" {
-				return nil, fmt.Errorf("module %q has two lora_A weights", k.module)
+				return nil, nil, fmt.Errorf("module %q has two lora_A weights", k.module)
 			}
 			p.keyA, p.infoA = name, info
 		}
 	}
-	if len(byModule) == 0 {
-		return nil, errors.New("no lora_A/lora_B weights found")
+	sort.Slice(saved, func(i, j int) bool {
+		if saved[i].Module != saved[j].Module {
+			return saved[i].Module < saved[j].Module
+		}
+		return saved[i].Param < saved[j].Param
+	})
+	if len(byModule) == 0 && len(saved) == 0 {
+		return nil, nil, errors.New("no lora_A/lora_B weights found")
 	}
 	names := make([]string, 0, len(byModule))
 	for n := range byModule {
@@ -192,57 +307,57 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, error) {
 		p := byModule[n]
 		switch {
 		case p.keyA == "":
-			return nil, fmt.Errorf("module %q has lora_B (%q) but no lora_A", n, p.keyB)
+			return nil, nil, fmt.Errorf("module %q has lora_B (%q) but no lora_A", n, p.keyB)
 		case p.keyB == "":
-			return nil, fmt.Errorf("module %q has lora_A (%q) but no lora_B", n, p.keyA)
+			return nil, nil, fmt.Errorf("module %q has lora_A (%q) but no lora_B", n, p.keyA)
 		}
 		a, b := p.infoA, p.infoB
 		if len(a.Shape) != 2 || len(b.Shape) != 2 {
 			if len(a.Shape) > 2 {
-				return nil, fmt.Errorf("%w: module %q has %d-D LoRA weights (convolution LoRA)", ErrUnsupported, n, len(a.Shape))
+				return nil, nil, fmt.Errorf("%w: module %q has %d-D LoRA weights (convolution LoRA)", ErrUnsupported, n, len(a.Shape))
 			}
-			return nil, fmt.Errorf("module %q: lora_A shape %v and lora_B shape %v must both be 2-D", n, a.Shape, b.Shape)
+			return nil, nil, fmt.Errorf("module %q: lora_A shape %v and lora_B shape %v must both be 2-D", n, a.Shape, b.Shape)
 		}
 		if a.DType != b.DType {
-			return nil, fmt.Errorf("module %q: lora_A is %s but lora_B is %s", n, a.DType, b.DType)
+			return nil, nil, fmt.Errorf("module %q: lora_A is %s but lora_B is %s", n, a.DType, b.DType)
 		}
 		if !a.DType.IsFloat() {
-			return nil, fmt.Errorf("module %q: dtype %s is not a float type (F16, BF16, F32, F64)", n, a.DType)
+			return nil, nil, fmt.Errorf("module %q: dtype %s is not a float type (F16, BF16, F32, F64)", n, a.DType)
 		}
 		if a.Shape[0] != b.Shape[1] {
-			return nil, fmt.Errorf("module %q: rank mismatch, lora_A %v has %d rows but lora_B %v has %d columns", n, a.Shape, a.Shape[0], b.Shape, b.Shape[1])
+			return nil, nil, fmt.Errorf("module %q: rank mismatch, lora_A %v has %d rows but lora_B %v has %d columns", n, a.Shape, a.Shape[0], b.Shape, b.Shape[1])
 		}
 		rank, err := cfg.ModuleRank(n)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if a.Shape[0] != rank {
-			return nil, fmt.Errorf("module %q: weights have rank %d but the config gives rank %d (r or rank_pattern)", n, a.Shape[0], rank)
+			return nil, nil, fmt.Errorf("module %q: weights have rank %d but the config gives rank %d (r or rank_pattern)", n, a.Shape[0], rank)
 		}
 		if a.Shape[1] == 0 || b.Shape[0] == 0 {
-			return nil, fmt.Errorf("module %q: empty weights, lora_A %v, lora_B %v", n, a.Shape, b.Shape)
+			return nil, nil, fmt.Errorf("module %q: empty weights, lora_A %v, lora_B %v", n, a.Shape, b.Shape)
 		}
 		alpha, err := cfg.ModuleAlpha(n)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		av, err := f.ReadFloat32(p.keyA)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		bv, err := f.ReadFloat32(p.keyB)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		mods = append(mods, PEFTModule{
 			Name: n, Prefix: p.key.prefix, AdapterName: p.key.adapter,
 			KeyA: p.keyA, KeyB: p.keyB, DType: a.DType,
 			Rank: rank, InFeatures: a.Shape[1], OutFeatures: b.Shape[0],
 			Alpha: alpha, Scaling: cfg.Scaling(alpha, rank),
-			A: av, B: bv,
+			A: av, B: bv, Embedding: p.key.embedding,
 		})
 	}
-	return mods, nil
+	return mods, saved, nil
 }
 
 // WritePEFTAdapter writes dir/adapter_model.safetensors (keys
