@@ -160,6 +160,33 @@ var loraBranch = &branchKind{
 	},
 }
 
+// adapterInputBranch is the branch of an adapter-input model, as inject
+// --adapter-inputs, Olive's ExtractAdapters and onnxruntime-genai write it:
+//
+//	y = base(x) + (dropout(transpose(x)) · A) · B
+//
+// where A [in, r] and B [r, out] are graph inputs (ONNX Runtime's LoRA
+// adapters feed them per run) whose initializer defaults usually have
+// r = 0, and B holds the scaling.
+var adapterInputBranch = &branchKind{
+	Name:    "adapter inputs",
+	BaseOps: []string{"MatMul", "Gemm"},
+	Params: []branchParam{
+		{Name: "A", Label: "lora_A", Class: paramInput, Dims: []string{"in", "r"}},
+		{Name: "B", Label: "lora_B", Class: paramInput, Dims: []string{"r", "out"}},
+		{Name: "ratio", Label: "dropout ratio", Optional: true},
+	},
+	Nodes: []branchNode{
+		{Name: "Transpose_A", Op: "Transpose", In: []operand{theLayerInput}, When: whenTransA, Shape: shapeSwapped,
+			Attrs: []*onnxpb.AttributeProto{intsAttr("perm", 1, 0)}},
+		{Name: "Dropout", Op: "Dropout", In: []operand{nodeOut("Transpose_A"), paramIn("ratio")}, When: whenDropout,
+			MoreInputs: true, SpareOutputs: true, Shape: shapeSame},
+		{Name: "MatMul_A", Op: "MatMul", In: []operand{nodeOut("Dropout"), paramIn("A")}, Shape: shapeLastRank},
+		{Name: "MatMul_B", Op: "MatMul", In: []operand{nodeOut("MatMul_A"), paramIn("B")}, Shape: shapeLayerOut},
+		{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("MatMul_B")}, Commutes: true},
+	},
+}
+
 // root returns the node whose output replaces the layer's.
 func (k *branchKind) root() *branchNode { return &k.Nodes[len(k.Nodes)-1] }
 

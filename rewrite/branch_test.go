@@ -435,8 +435,12 @@ init fc.weight
 		bm.Params["A"] != "fc.lora_A.weight" || bm.Params["B"] != "fc.lora_B.weight" || bm.BaseOutput != "/fc/lora/base_output_0" {
 		t.Errorf("matched %s, base %s, params %v", brNames(bm.Nodes), bm.Base.GetName(), bm.Params)
 	}
-	if b, _ := recognizeAt(g, add); b != nil {
+	if bm, _ := loraBranch.match(g, add); bm != nil {
 		t.Error("the LoRA kind took an adapter-input branch")
+	}
+	// Recognition knows the kind inject --adapter-inputs writes.
+	if b, why := recognizeAt(g, add); b == nil || !b.isInputs() || b.A != "fc.lora_A.weight" {
+		t.Errorf("recognition of adapter inputs: %v, %s", b != nil, why)
 	}
 	lora := graph.NewGraph(brGraph(t, brOpts{}))
 	if bm, _ := adapterInputs.match(lora, lora.Producer("y")); bm != nil {

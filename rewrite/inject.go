@@ -39,6 +39,16 @@ type InjectConfig struct {
 	// its own stream derived from the seed and its module path, so adding a
 	// target does not change the others.
 	Seed uint64
+	// AdapterInputs makes A and B graph inputs of the main graph instead
+	// of initializers: <module>.lora_A.weight [in, r] and
+	// <module>.lora_B.weight [r, out] with a symbolic r and rank-0
+	// initializer defaults ([in, 0], [0, out]), the scaling folded into B
+	// and no scaling node, as ONNX Runtime's LoRA adapters, Olive and
+	// onnxruntime-genai expect. With no adapter the model computes exactly
+	// the base. Rank, alpha, rsLoRA and Init do not apply; a model before
+	// IR version 4 is raised to 4 (initializers become overridable inputs
+	// only from IR 4).
+	AdapterInputs bool
 }
 
 // Injection is the result of Inject: the manifest written into the model
@@ -96,6 +106,9 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 	}
 	if man == nil {
 		man = &Manifest{}
+	}
+	if cfg.AdapterInputs {
+		raiseToIR4(m)
 	}
 	layers, sel, err := Plan(m, cfg.SelectOptions)
 	if err != nil {
@@ -165,12 +178,23 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 		Graph: graphName(g),
 	}
 	r := int64(rank)
+	kind := loraBranch
+	if cfg.AdapterInputs {
+		kind = adapterInputBranch
+		a.Mode, a.Rank, a.Alpha, a.Scaling, a.RSLoRA = ModeAdapterInputs, 0, 0, 1, false
+	}
 	// The description says what the branch is; this says what its params
 	// hold: A drawn from the adapter's stream, B zero, the scaling, and
-	// the dropout ratio (an input from opset 12, an attribute before).
+	// the dropout ratio (an input from opset 12, an attribute before);
+	// or, for adapter inputs, A and B as inputs with rank-0 defaults.
 	param := func(p *branchParam, seed string) (string, *onnxpb.AttributeProto, error) {
 		var t *onnxpb.TensorProto
 		var err error
+		switch {
+		case cfg.AdapterInputs && (p.Name == "A" || p.Name == "B"):
+			name, err := addAdapterInput(g, l, p.Name)
+			return name, nil, err
+		}
 		switch p.Name {
 		case "A":
 			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, initA(l.Module, l.In, r, cfg))
@@ -194,7 +218,7 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 		addInitializer(m, g, t)
 		return t.GetName(), nil, nil
 	}
-	built, err := loraBranch.build(branchBuilder{
+	built, err := kind.build(branchBuilder{
 		G: g, Base: n, Prefix: nodePrefix(n.GetName(), l.Module) + "/lora/", Param: param,
 		Has: func(p presence) bool { return p == whenDropout && cfg.Dropout > 0 },
 	})
@@ -211,8 +235,63 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	for _, bn := range built.Nodes {
 		a.Nodes = append(a.Nodes, bn.GetName())
 	}
-	loraBranch.describe(g, built, n.Input[0], map[string]int64{"r": r}, l.DType)
+	if cfg.AdapterInputs {
+		r = -1 // set per run by the adapter
+	}
+	kind.describe(g, built, n.Input[0], map[string]int64{"r": r}, l.DType)
 	return a, nil
+}
+
+// addAdapterInput adds factor A or B of layer l as an input of the main
+// graph, [in, r] or [r, out] with r symbolic, whose initializer default
+// has r = 0, and returns its name. A layer in a subgraph reads it from
+// the outer scope.
+func addAdapterInput(g *graph.Graph, l *Layer, which string) (string, error) {
+	top := g
+	for top.Parent != nil {
+		top = top.Parent
+	}
+	sym := l.Module + ".lora_rank"
+	rank := &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimParam{DimParam: sym}}
+	in := &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: l.In}}
+	out := &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: l.Out}}
+	name := top.UniqueName(l.Module + ".lora_" + which + ".weight")
+	dims, shape := []int64{l.In, 0}, []*onnxpb.TensorShapeProto_Dimension{in, rank}
+	if which == "B" {
+		dims, shape = []int64{0, l.Out}, []*onnxpb.TensorShapeProto_Dimension{rank, out}
+	}
+	t, err := graph.NewFloatTensor(name, l.DType, dims, nil)
+	if err != nil {
+		return "", err
+	}
+	top.AddInitializer(t)
+	top.Proto.Input = append(top.Proto.Input, &onnxpb.ValueInfoProto{
+		Name: proto.String(name),
+		Type: &onnxpb.TypeProto{Value: &onnxpb.TypeProto_TensorType{TensorType: &onnxpb.TypeProto_Tensor{
+			ElemType: proto.Int32(int32(l.DType)), Shape: &onnxpb.TensorShapeProto{Dim: shape},
+		}}},
+	})
+	return name, nil
+}
+
+// raiseToIR4 makes a model before IR version 4 an IR 4 one, so that new
+// initializers listed as inputs are overridable. Before IR 4 every
+// initializer is listed as an input and is still a constant, so those
+// listings are dropped: the weights stay constants.
+func raiseToIR4(m *graph.Model) {
+	if m.Proto.GetIrVersion() >= 4 {
+		return
+	}
+	m.Graph().Walk(func(g *graph.Graph) {
+		ins := g.Proto.Input[:0]
+		for _, vi := range g.Proto.Input {
+			if t, _ := g.Initializer(vi.GetName()); t == nil {
+				ins = append(ins, vi)
+			}
+		}
+		g.Proto.Input = ins
+	})
+	m.Proto.IrVersion = proto.Int64(4)
 }
 
 // withLastDim returns t with its last axis of size d, or nil when t has
@@ -222,7 +301,11 @@ func withLastDim(t *onnxpb.TypeProto_Tensor, d int64) *onnxpb.TypeProto_Tensor {
 		return nil
 	}
 	t = proto.Clone(t).(*onnxpb.TypeProto_Tensor)
-	t.Shape.Dim[len(t.Shape.Dim)-1] = &onnxpb.TensorShapeProto_Dimension{Value: &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: d}}
+	last := &onnxpb.TensorShapeProto_Dimension{} // d < 0: unknown, set per run
+	if d >= 0 {
+		last.Value = &onnxpb.TensorShapeProto_Dimension_DimValue{DimValue: d}
+	}
+	t.Shape.Dim[len(t.Shape.Dim)-1] = last
 	return t
 }
 

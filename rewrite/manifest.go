@@ -62,7 +62,16 @@ type Adapter struct {
 	ScalingTensor string `json:"scaling_tensor"`
 	// Nodes are the names of the branch's nodes.
 	Nodes []string `json:"nodes"`
+	// Mode is how the factors are held: "" for initializers with a
+	// scaling node, ModeAdapterInputs for graph inputs with rank-0
+	// defaults and the scaling in B (Rank, Alpha then say nothing: the
+	// rank comes with each adapter, and Scaling is 1).
+	Mode string `json:"mode,omitempty"`
 }
+
+// ModeAdapterInputs is Adapter.Mode for an adapter-input branch: A and B
+// are graph inputs fed per run (inject --adapter-inputs).
+const ModeAdapterInputs = "adapter-inputs"
 
 // ReadManifest returns the model's manifest, or nil when it has none.
 func ReadManifest(m *graph.Model) (*Manifest, error) {

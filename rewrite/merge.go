@@ -276,6 +276,11 @@ func selectModules(found []*foundAdapter, only []string) (map[string]bool, error
 // addAdapter plans the merge of one branch: its weight update and the
 // removal of its nodes.
 func (p *plan) addAdapter(f *foundAdapter) error {
+	if f.isInputs() && f.Rank == 0 {
+		// Rank-0 defaults add nothing: the branch just goes, W untouched.
+		p.branches = append(p.branches, f.branch)
+		return nil
+	}
 	a, err := p.m.Float64s(f.TA)
 	if err != nil {
 		return err
@@ -541,15 +546,33 @@ func (p *plan) commitGraph() error {
 	p.top.Reindex()
 	for _, b := range p.branches {
 		for _, name := range []string{b.A, b.B, b.S, b.Ratio} {
-			if name != "" {
-				dropConstant(b.Graph, name)
+			if name == "" {
+				continue
 			}
+			if b.isInputs() && (name == b.A || name == b.B) {
+				dropInput(b.Graph, name)
+				continue
+			}
+			dropConstant(b.Graph, name)
 		}
 	}
 	if p.setManifest {
 		return WriteManifest(p.m, p.manifest)
 	}
 	return nil
+}
+
+// dropInput removes a graph input nobody reads any more (an adapter input
+// of a merged branch) with its initializer default.
+func dropInput(g *graph.Graph, name string) {
+	for s := g; s != nil; s = s.Parent {
+		if s.IsGraphInput(name) {
+			if countReaders(s, name, func(*onnxpb.NodeProto) bool { return false }) == 0 {
+				s.RemoveInitializer(name)
+			}
+			return
+		}
+	}
 }
 
 // dropConstant removes an initializer or Constant node nobody reads.

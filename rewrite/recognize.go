@@ -42,10 +42,9 @@ func (b *branch) nodes() []*onnxpb.NodeProto {
 // included), in graph order.
 func findBranches(top *graph.Graph) []*branch {
 	var found []*branch
-	root := loraBranch.root().Op
 	top.Walk(func(g *graph.Graph) {
 		for _, n := range g.Proto.Node {
-			if n.GetOpType() != root || !graph.IsStandardOp(n) {
+			if !graph.IsStandardOp(n) || !slices.ContainsFunc(branchKinds, func(k *branchKind) bool { return k.root().Op == n.GetOpType() }) {
 				continue
 			}
 			if b, _ := recognizeAt(g, n); b != nil {
@@ -60,15 +59,91 @@ func findBranches(top *graph.Graph) []*branch {
 // returns the branch, or the reason it is not one (for error messages when
 // a manifest says it should be).
 func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
-	bm, why := loraBranch.match(g, add)
-	if bm == nil {
-		return nil, why
+	var whys []string
+	for _, k := range branchKinds {
+		bm, why := k.match(g, add)
+		if bm == nil {
+			whys = append(whys, why)
+			continue
+		}
+		b := &branch{
+			branchMatch: bm, Add: bm.node("Add"), Dropout: bm.node("Dropout"),
+			A: bm.Params["A"], B: bm.Params["B"], S: bm.Params["S"], Ratio: bm.Params["ratio"],
+			TA: bm.Tensors["A"], TB: bm.Tensors["B"], TS: bm.Tensors["S"], Rank: int(bm.Dims["r"]),
+		}
+		if k == adapterInputBranch {
+			if why := b.adapterDefaults(); why != "" {
+				whys = append(whys, why)
+				continue
+			}
+		}
+		return b, ""
 	}
-	return &branch{
-		branchMatch: bm, Add: bm.node("Add"), Dropout: bm.node("Dropout"),
-		A: bm.Params["A"], B: bm.Params["B"], S: bm.Params["S"], Ratio: bm.Params["ratio"],
-		TA: bm.Tensors["A"], TB: bm.Tensors["B"], TS: bm.Tensors["S"], Rank: int(bm.Dims["r"]),
-	}, ""
+	return nil, strings.Join(whys, "; or, as "+adapterInputBranch.Name+": ")
+}
+
+// branchKinds are the kinds recognition knows, tried in order.
+var branchKinds = []*branchKind{loraBranch, adapterInputBranch}
+
+// isInputs reports whether the branch's A and B are graph inputs
+// (adapterInputBranch): fed per run, the scaling inside B.
+func (b *branch) isInputs() bool { return b.Kind == adapterInputBranch }
+
+// adapterDefaults checks an adapter-input branch's factors against the
+// layer, declared types and initializer defaults alike, and takes the
+// defaults (rank 0 unless someone trained them) as TA and TB. It returns
+// why they do not fit, or "".
+func (b *branch) adapterDefaults() string {
+	l := b.Layer
+	r := int64(-1)
+	for _, f := range []struct {
+		name   string
+		fixed  int // the axis that is the layer's in or out
+		size   int64
+		t      **onnxpb.TensorProto
+		rankAx int
+	}{{b.A, 0, l.In, &b.TA, 1}, {b.B, 1, l.Out, &b.TB, 0}} {
+		if tt := inputType(b.Graph, f.name); tt != nil {
+			if dt := graph.DataType(tt.GetElemType()); dt != l.DType {
+				return fmt.Sprintf("input %q is %v, the layer computes in %v", f.name, dt, l.DType)
+			}
+			if sh := tt.GetShape(); sh != nil {
+				d := sh.GetDim()
+				if len(d) != 2 || (d[f.fixed].GetDimParam() == "" && d[f.fixed].Value != nil && d[f.fixed].GetDimValue() != f.size) {
+					return fmt.Sprintf("input %q is declared with a shape that does not fit a [%d, %d] layer", f.name, l.In, l.Out)
+				}
+			}
+		}
+		t, _ := b.Graph.Initializer(f.name)
+		if t == nil {
+			continue
+		}
+		if len(t.Dims) != 2 || t.Dims[f.fixed] != f.size || !graph.DataType(t.GetDataType()).IsFloat() || (r >= 0 && t.Dims[f.rankAx] != r) {
+			return fmt.Sprintf("the default of input %q is %v, which does not fit a [%d, %d] layer", f.name, t.Dims, l.In, l.Out)
+		}
+		r = t.Dims[f.rankAx]
+		*f.t = t
+	}
+	if (b.TA == nil) != (b.TB == nil) {
+		return fmt.Sprintf("only one of inputs %q and %q has a default", b.A, b.B)
+	}
+	b.Rank = max(int(r), 0)
+	return ""
+}
+
+// inputType returns the declared tensor type of graph input name, looking
+// in enclosing graphs too, or nil.
+func inputType(g *graph.Graph, name string) *onnxpb.TypeProto_Tensor {
+	for s := g; s != nil; s = s.Parent {
+		if s.IsGraphInput(name) {
+			for _, vi := range s.Proto.Input {
+				if vi.GetName() == name {
+					return vi.GetType().GetTensorType()
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // scalarConstant returns the constant float tensor behind name when it
@@ -136,6 +211,15 @@ func findAdapters(m *graph.Model, top *graph.Graph) ([]*foundAdapter, *Manifest,
 			return nil, nil, "", fmt.Errorf("adapter %s: %w", a.Module, err)
 		}
 		f := &foundAdapter{branch: b, Module: a.Module, Alpha: a.Alpha, RSLoRA: a.RSLoRA, Dropout: a.Dropout, Manifest: i}
+		if b.isInputs() != (a.Mode == ModeAdapterInputs) {
+			return nil, nil, "", fmt.Errorf("adapter %s: the manifest says mode %q but the branch at %s is of kind %s", a.Module, a.Mode, nodeDisplayName(b.Add), b.Kind.Name)
+		}
+		if b.isInputs() {
+			// The rank is the defaults' (0 unless trained), the scaling in B.
+			f.Scaling, f.Alpha, f.RSLoRA = 1, float64(b.Rank), false
+			out = append(out, f)
+			continue
+		}
 		s, err := scalarValue(m, b.TS)
 		if err != nil {
 			return nil, nil, "", fmt.Errorf("adapter %s: %w", a.Module, err)
@@ -218,9 +302,12 @@ func recognizedAdapters(m *graph.Model, top *graph.Graph) ([]*foundAdapter, erro
 			mod = fmt.Sprintf("%s_%d", base, k)
 		}
 		seen[mod] = true
-		s, err := scalarValue(m, b.TS)
-		if err != nil {
-			return nil, fmt.Errorf("branch at %s: %w", nodeDisplayName(b.Add), err)
+		s := 1.0 // adapter inputs: the scaling is in B
+		if !b.isInputs() {
+			var err error
+			if s, err = scalarValue(m, b.TS); err != nil {
+				return nil, fmt.Errorf("branch at %s: %w", nodeDisplayName(b.Add), err)
+			}
 		}
 		f := &foundAdapter{branch: b, Module: mod, Scaling: s, Alpha: alphaFor(s, b.Rank, false), Manifest: -1}
 		if b.Dropout != nil {

@@ -29,6 +29,10 @@ type InjectOptions struct {
 	Dropout float64
 	Init    string
 	Seed    uint64
+	// AdapterInputs is --adapter-inputs; conflicts lists the flags given
+	// with it that it makes meaningless.
+	AdapterInputs bool
+	conflicts     []string
 
 	// config is the validated configuration, set by the command.
 	config rewrite.InjectConfig
@@ -58,6 +62,12 @@ layer but the output head, --target-regex must match the whole path, exclusion
 wins, --layers keeps layer indices. Run 'onnxlora inspect MODEL' to see the
 module paths, or inject with --dry-run to see what would be adapted.
 
+With --adapter-inputs, A and B are instead graph inputs <module>.lora_A.weight
+[in, r] and <module>.lora_B.weight [r, out] with a symbolic r and rank-0
+defaults, and the branch has no scaling node (it is in B): the model computes
+exactly the base until ONNX Runtime feeds an .onnx_adapter per run, so one
+session serves many adapters (docs/serving.md). No --rank or --alpha then.
+
 On success the PEFT line "trainable params: N || all params: M || trainable%: P"
 is printed. When nothing matches, the command fails and lists the module paths.`,
 		Example: `  onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --rank 8 --alpha 16
@@ -66,11 +76,17 @@ is printed. When nothing matches, the command fails and lists the module paths.`
   onnxlora inject model.onnx -o lora.onnx --target-regex '.*\.(q|v)_proj' \
       --rank-pattern 'layers\.0\..*=16' --alpha-pattern 'v_proj=32'
   onnxlora inject model.onnx --target all-linear --dry-run
-  onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --manifest lora.json`,
+  onnxlora inject model.onnx -o lora.onnx --target q_proj,v_proj --manifest lora.json
+  onnxlora inject model.onnx -o serve.onnx --target all-linear --adapter-inputs`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.Model = args[0]
+			for _, name := range []string{"rank", "alpha", "rank-pattern", "alpha-pattern", "rslora", "init"} {
+				if cmd.Flags().Changed(name) {
+					opts.conflicts = append(opts.conflicts, "--"+name)
+				}
+			}
 			if err := opts.validate(); err != nil {
 				return err
 			}
@@ -87,6 +103,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.Float64Var(&opts.Dropout, "dropout", 0, "dropout probability on the adapter input, in [0, 1) (PEFT lora_dropout)")
 	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "lora_A initialization: kaiming (PEFT's default) or gaussian")
 	fl.Uint64Var(&opts.Seed, "seed", 0, "random seed for lora_A; the same seed gives the same weights")
+	fl.BoolVar(&opts.AdapterInputs, "adapter-inputs", false, "make lora_A/lora_B graph inputs with rank-0 defaults, the scaling in B, for ONNX Runtime's .onnx_adapter files (docs/serving.md)")
 	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
 	fl.BoolVar(&opts.DryRun, "dry-run", false, "print the layers that would be adapted and write nothing")
 	fl.BoolVar(&opts.JSON, "json", false, "print the result (counts and manifest) as JSON on stdout")
@@ -130,7 +147,10 @@ func (o *InjectOptions) validate() error {
 	if o.Dropout < 0 || o.Dropout >= 1 || math.IsNaN(o.Dropout) {
 		return usageErrorf("invalid argument %v for --dropout: want a probability in [0, 1)", o.Dropout)
 	}
-	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed}
+	if o.AdapterInputs && len(o.conflicts) > 0 {
+		return usageErrorf("--adapter-inputs takes no %s: the rank and scaling come with each adapter file", strings.Join(o.conflicts, ", "))
+	}
+	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs}
 	return nil
 }
 
