@@ -32,6 +32,12 @@ type MergeOptions struct {
 	// of the model (they are listed in MergeReport.Unmatched) instead of
 	// failing. Merge ignores it.
 	AllowPartial bool
+	// Map renames PEFT module paths before ApplyPEFT matches them to
+	// layers; Preset picks built-in rules ("" or "auto": by the model's
+	// producer_name, "none": no preset, else a MapPresets name), applied
+	// after Map. Merge ignores both.
+	Map    []MapRule
+	Preset string
 }
 
 // MergeReport describes what a merge did.
@@ -348,7 +354,7 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 		u.dst, u.srcT = t, w.Transposed
 		storedT = l.TransB
 		p.inits = append(p.inits, newInit{l.Graph, t})
-		p.rewires = append(p.rewires, rewire{l.Graph, l.Node, 1, t.GetName()})
+		p.rewires = append(p.rewires, rewire{l.Graph, l.Node, l.weightInput(), t.GetName()})
 		p.detached[l.Node] = true
 		rep.Original, rep.Weight = w.Name, t.GetName()
 	case constShared:
@@ -364,7 +370,7 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 		if len(w.Chain) > 0 {
 			p.rewires = append(p.rewires, rewire{graphOf(p.top, w.Chain[0]), w.Chain[0], 0, t.GetName()})
 		} else {
-			p.rewires = append(p.rewires, rewire{l.Graph, l.Node, 1, t.GetName()})
+			p.rewires = append(p.rewires, rewire{l.Graph, l.Node, l.weightInput(), t.GetName()})
 		}
 		p.detached[next] = true
 		rep.Original, rep.Weight = w.Name, t.GetName()

@@ -145,8 +145,15 @@ func TestApplyPEFTOptions(t *testing.T) {
 	if len(rep.Merged) != 1 || rep.Merged[0].Rank != 2 || rep.Merged[0].Scaling != 8/math.Sqrt(2) {
 		t.Errorf("Only: %+v", rep.Merged)
 	}
-	if _, err := ApplyPEFT(mgCloneModel(base), adapter, MergeOptions{Only: []string{"v_proj"}}); err == nil || !strings.Contains(err.Error(), "no module(s) v_proj") {
-		t.Errorf("Only with an unknown module: %v", err)
+	// Only takes suffixes as target_modules does.
+	vrep, err := ApplyPEFT(mgCloneModel(base), adapter, MergeOptions{Only: []string{"v_proj"}})
+	if err != nil || len(vrep.Merged) != 2 || !strings.HasSuffix(vrep.Merged[0].PEFTModule, ".v_proj") || !strings.HasSuffix(vrep.Merged[1].PEFTModule, ".v_proj") {
+		t.Errorf("Only v_proj: %v %+v", err, vrep)
+	}
+	for _, bad := range [][]string{{"w_proj"}, {"proj"}, {""}} {
+		if _, err := ApplyPEFT(mgCloneModel(base), adapter, MergeOptions{Only: bad}); err == nil || !strings.Contains(err.Error(), "module") {
+			t.Errorf("Only %q: %v", bad, err)
+		}
 	}
 
 	// Scale: half the delta.
@@ -175,7 +182,8 @@ func TestApplyPEFTOptions(t *testing.T) {
 	mgNodeByName(renamed, "/lm_head/MatMul").Name = protoString("/head/MatMul")
 	before := mgCloneModel(renamed)
 	_, err = ApplyPEFT(renamed, adapter, MergeOptions{})
-	if err == nil || !strings.Contains(err.Error(), "1 of 7 modules match no layer") || !strings.Contains(err.Error(), "base_model.model.lm_head.lora_A.weight") {
+	var ue *UnmatchedError
+	if !errors.As(err, &ue) || !strings.Contains(err.Error(), "1 of 7 modules match no layer") || !strings.Contains(err.Error(), "e.g. lm_head") || strings.Contains(err.Error(), "\n") {
 		t.Errorf("unmatched module: %v", err)
 	}
 	mgSameTensors(t, renamed, before)
@@ -221,7 +229,7 @@ func TestApplyPEFTErrors(t *testing.T) {
 			t.Errorf("%s=%s: %v", tc.key, tc.value, err)
 		}
 	}
-	// An embedding adapter is refused too.
+	// Keys the config does not select are refused, as PEFT would not load them.
 	dir := copyAdapter(t, filepath.Join(llama, "adapter"), nil)
 	if err := export.WriteSafetensors(filepath.Join(dir, export.PEFTWeightsFile), []export.TensorData{
 		mustF32(t, "base_model.model.model.embed_tokens.lora_embedding_A", []int{4, 32}),
@@ -229,8 +237,8 @@ func TestApplyPEFTErrors(t *testing.T) {
 	}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ApplyPEFT(loadModel(t, filepath.Join(llama, "base.onnx")), dir, MergeOptions{}); !errors.Is(err, export.ErrUnsupported) || !strings.Contains(err.Error(), "Embedding") {
-		t.Errorf("embedding adapter: %v", err)
+	if _, err := ApplyPEFT(loadModel(t, filepath.Join(llama, "base.onnx")), dir, MergeOptions{}); err == nil || !strings.Contains(err.Error(), "none of its 1 modules is selected by target_modules") || !strings.Contains(err.Error(), "model.embed_tokens") {
+		t.Errorf("embedding adapter outside target_modules: %v", err)
 	}
 }
 
@@ -271,20 +279,20 @@ func TestMatchPEFTModules(t *testing.T) {
 	layers := func(names ...string) []*Layer {
 		var ls []*Layer
 		for _, n := range names {
-			ls = append(ls, &Layer{Module: n})
+			ls = append(ls, &Layer{Module: n, Op: "MatMul"})
 		}
 		return ls
 	}
-	mods := func(names ...string) []export.PEFTModule {
-		var ms []export.PEFTModule
+	mods := func(names ...string) []PEFTAssignment {
+		var as []PEFTAssignment
 		for _, n := range names {
-			ms = append(ms, export.PEFTModule{Name: n, KeyA: "base_model.model." + n + ".lora_A.weight", KeyB: "base_model.model." + n + ".lora_B.weight"})
+			as = append(as, PEFTAssignment{Kind: KindLoRA, Module: n, Mapped: n})
 		}
-		return ms
+		return as
 	}
 	for _, tc := range []struct {
 		name   string
-		mods   []export.PEFTModule
+		mods   []PEFTAssignment
 		layers []*Layer
 		want   map[string]int
 		err    string
@@ -298,12 +306,14 @@ func TestMatchPEFTModules(t *testing.T) {
 		{"the longest match wins", mods("model.decoder.layers.0.fc1"), layers("encoder.layers.0.fc1", "decoder.layers.0.fc1", "layers.0.fc1"),
 			map[string]int{"model.decoder.layers.0.fc1": 1}, ""},
 		{"layers.1 is not layers.11", mods("h.1.attn.c_attn"), layers("h.11.attn.c_attn"), map[string]int{}, ""},
+		{"a layer index is never dropped", mods("model.decoder.layers.1.fc1"), layers("fc1", "fc2"), map[string]int{}, ""},
+		{"nor added", mods("fc1"), layers("layers.0.fc1"), map[string]int{}, ""},
 		{"no match", mods("model.layers.0.self_attn.q_proj"), layers("model.layers.0.attn.q_proj"), map[string]int{}, ""},
 		{"a tie", mods("layers.0.fc1"), layers("encoder.layers.0.fc1", "decoder.layers.0.fc1"), nil, "matches 2 layers equally"},
 		{"a layer claimed twice", mods("a.layers.0.q", "b.layers.0.q"), layers("layers.0.q"), nil, "matched by 2 modules"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := matchPEFTModules(tc.mods, tc.layers)
+			err := assignLayers(tc.mods, tc.layers)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("error %v, want %q", err, tc.err)
@@ -312,6 +322,12 @@ func TestMatchPEFTModules(t *testing.T) {
 			}
 			if err != nil {
 				t.Fatal(err)
+			}
+			got := map[string]int{}
+			for _, a := range tc.mods {
+				if a.layer != nil {
+					got[a.Module] = slices.Index(tc.layers, a.layer)
+				}
 			}
 			if len(got) != len(tc.want) {
 				t.Fatalf("got %v, want %v", got, tc.want)
