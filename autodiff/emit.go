@@ -293,27 +293,30 @@ func (e *emitter) reduceTo(g, x, out string) (string, error) {
 	if r := e.ti.rank(x); r == 0 {
 		return e.reduce("ReduceSum", g, nil, false), nil
 	}
-	if e.opset < 13 {
-		axes, ok := e.staticBroadcastAxes(x, out)
-		if !ok && e.noUnitDims(x) {
-			// x was only broadcast over leading axes: sum the rows of g
-			// seen as [-1, size of x] (ReduceSum with a fixed axis).
-			n := e.op("Size", []string{x})
-			rows := e.reshape(g, e.op("Concat", []string{e.ints(-1), e.unsqueeze(n, 0)}, intAttr("axis", 0)))
-			return e.reshape(e.reduce("ReduceSum", rows, []int64{0}, false), e.shape(x)), nil
-		}
-		if !ok {
-			return "", fmt.Errorf("reducing the gradient of %q broadcast to %q over axes known only at run time %w (the model has %d)", x, out, errNeedsOpset13, e.opset)
-		}
+	if axes, ok := e.staticBroadcastAxes(x, out); ok {
 		if len(axes) == 0 {
 			return e.reshapeLike(g, x), nil
 		}
 		return e.reshapeLike(e.reduce("ReduceSum", g, axes, true), x), nil
 	}
-	sx, sg := e.shape(x), e.shape(g)
-	extra := e.op("Sub", []string{e.shape(sg), e.shape(sx)})
-	ones := e.op("ConstantOfShape", []string{extra}, tensorAttr("value", tensorOf(graph.Int64, []int64{1}, []float64{1})))
-	padded := e.op("Concat", []string{ones, sx}, intAttr("axis", 0))
+	if e.noUnitDims(x) {
+		// x was only broadcast over leading axes: sum the rows of g seen
+		// as [-1, size of x] (a fixed axis, so any opset has it).
+		n := e.op("Size", []string{x})
+		rows := e.reshape(g, e.op("Concat", []string{e.ints(-1), e.unsqueeze(n, 0)}, intAttr("axis", 0)))
+		return e.reshape(e.reduce("ReduceSum", rows, []int64{0}, false), e.shape(x)), nil
+	}
+	if e.opset < 13 {
+		return "", fmt.Errorf("reducing the gradient of %q broadcast to %q over axes known only at run time %w (the model has %d)", x, out, errNeedsOpset13, e.opset)
+	}
+	sx := e.shape(x)
+	padded := sx
+	if rx, rg := e.ti.rank(x), e.ti.rank(out); rx < 0 || rx != rg {
+		// Pad x's shape with leading ones to g's rank.
+		extra := e.op("Sub", []string{e.shape(e.shape(g)), e.shape(sx)})
+		ones := e.op("ConstantOfShape", []string{extra}, tensorAttr("value", tensorOf(graph.Int64, []int64{1}, []float64{1})))
+		padded = e.op("Concat", []string{ones, sx}, intAttr("axis", 0))
+	}
 	isOne := e.op("Equal", []string{padded, e.ints(1)})
 	axes := e.reshape(e.op("NonZero", []string{isOne}), e.ints(-1))
 	sum := e.op("ReduceSum", []string{g, axes}, intAttr("keepdims", 1), intAttr("noop_with_empty_axes", 1))

@@ -1,6 +1,7 @@
 package autodiff
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"google.golang.org/protobuf/proto"
@@ -32,19 +33,20 @@ func (d dim) sameAs(o dim) bool {
 // shapes where declared (used only to skip work, never to fix a dim).
 type typeInfo struct {
 	elem  map[string]graph.DataType
-	shape map[string][]dim // nil entry: rank unknown
+	shape map[string][]dim // no entry: rank unknown
+	// ints holds the values of small int64 constants; values the
+	// elements of int64 shape vectors, as dims (shapes.go).
+	ints   map[string][]int64
+	values map[string][]dim
+	nfresh int
 }
 
 func newTypeInfo(g *graph.Graph) *typeInfo {
-	ti := &typeInfo{elem: map[string]graph.DataType{}, shape: map[string][]dim{}}
+	ti := &typeInfo{elem: map[string]graph.DataType{}, shape: map[string][]dim{},
+		ints: map[string][]int64{}, values: map[string][]dim{}}
 	p := g.Proto
 	for _, t := range p.Initializer {
-		ti.elem[t.GetName()] = graph.DataType(t.GetDataType())
-		ds := make([]dim, len(t.Dims))
-		for i, d := range t.Dims {
-			ds[i] = dim{value: d}
-		}
-		ti.shape[t.GetName()] = ds
+		ti.addConstant(t.GetName(), t)
 	}
 	for _, list := range [][]*onnxpb.ValueInfoProto{p.Input, p.ValueInfo, p.Output} {
 		for _, vi := range list {
@@ -52,9 +54,36 @@ func newTypeInfo(g *graph.Graph) *typeInfo {
 		}
 	}
 	for _, n := range p.Node {
+		if n.GetOpType() == "Constant" && graph.IsStandardOp(n) && len(n.Output) == 1 {
+			if t := constantTensor(n); t != nil {
+				ti.addConstant(n.Output[0], t)
+			}
+		}
 		ti.inferNode(n)
 	}
 	return ti
+}
+
+// addConstant records a constant's type and dims, and the values of small
+// int64 ones (axes, shapes).
+func (ti *typeInfo) addConstant(name string, t *onnxpb.TensorProto) {
+	dt := graph.DataType(t.GetDataType())
+	ti.elem[name] = dt
+	ti.shape[name] = staticDims(t.Dims)
+	if dt != graph.Int64 || len(t.Dims) > 1 || len(t.GetExternalData()) > 0 {
+		return
+	}
+	vals := t.Int64Data
+	if len(vals) == 0 && len(t.RawData) > 0 && len(t.RawData)%8 == 0 && len(t.RawData) <= 8*64 {
+		for i := 0; i < len(t.RawData); i += 8 {
+			vals = append(vals, int64(binary.LittleEndian.Uint64(t.RawData[i:])))
+		}
+	}
+	if n, err := graph.NumElements(t.Dims); err != nil || int(n) != len(vals) || n > 64 {
+		return
+	}
+	ti.ints[name] = vals
+	ti.values[name] = staticDims(vals)
 }
 
 func (ti *typeInfo) addValueInfo(vi *onnxpb.ValueInfoProto) {
@@ -80,7 +109,11 @@ func (ti *typeInfo) addValueInfo(vi *onnxpb.ValueInfoProto) {
 		case *onnxpb.TensorShapeProto_Dimension_DimValue:
 			ds[i] = dim{value: v.DimValue}
 		default:
-			ds[i] = dim{value: -1, param: d.GetDimParam()}
+			if p := d.GetDimParam(); p != "" {
+				ds[i] = dim{value: -1, param: p}
+			} else {
+				ds[i] = ti.fresh()
+			}
 		}
 	}
 	ti.shape[name] = ds
@@ -162,6 +195,7 @@ func (ti *typeInfo) inferNode(n *onnxpb.NodeProto) {
 			ti.elem[out] = dt
 		}
 	}
+	ti.inferShapes(n)
 }
 
 // rank returns the static rank of v, or -1 when it is not declared.

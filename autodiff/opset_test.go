@@ -32,13 +32,21 @@ func TestRaiseToOpset13(t *testing.T) {
 	}
 	w := tensorOf(dt, []int64{3, 4}, rnd(12))
 	w.Name = proto.String("w")
+	consts := []*onnxpb.TensorProto{w}
+	for name, v := range map[string]float64{"zero": 0, "one": 1, "two": 2} {
+		c := tensorOf(graph.Int64, []int64{1}, []float64{v})
+		c.Name = proto.String(name)
+		consts = append(consts, c)
+	}
 	g := &onnxpb.GraphProto{Name: proto.String("old"),
 		Input:       []*onnxpb.ValueInfoProto{sym("x", batch, two, three)},
 		Output:      []*onnxpb.ValueInfoProto{sym("y", batch, two, four)},
-		Initializer: []*onnxpb.TensorProto{w},
+		Initializer: consts,
 		Node: []*onnxpb.NodeProto{
 			node("MatMul", []string{"x", "w"}, []string{"h"}),
-			node("ReduceSum", []string{"h"}, []string{"s"}, intsAttr("axes", 2), intAttr("keepdims", 1)),
+			// A slice's size is not followed statically, so the
+			// broadcast in Mul is known only at run time.
+			node("Slice", []string{"h", "zero", "one", "two"}, []string{"s"}),
 			node("Mul", []string{"h", "s"}, []string{"z"}),
 			node("Unsqueeze", []string{"z"}, []string{"z4"}, intsAttr("axes", 0)),
 			node("Squeeze", []string{"z4"}, []string{"z3"}, intsAttr("axes", 0)),

@@ -54,11 +54,16 @@ func matmulGrad(c *ctx) error {
 		return nil
 	}
 	if c.need[0] {
-		if rb == 2 {
+		switch {
+		case rb == 2:
 			// b is not broadcast: gy·bᵀ has a's shape already.
 			c.set(0, c.matmul(gy, c.transpose(b, 1, 0)))
-		} else if err := c.setReducedTo(0, c.matmul(gy, c.swapLast2(b))); err != nil {
-			return err
+		case c.sameBatch(a, c.y(0)):
+			c.set(0, c.matmul(gy, c.swapLast2(b)))
+		default:
+			if err := c.setReducedTo(0, c.matmul(gy, c.swapLast2(b))); err != nil {
+				return err
+			}
 		}
 	}
 	if !c.need[1] {
@@ -78,7 +83,27 @@ func matmulGrad(c *ctx) error {
 		c.set(1, c.matmul(c.transpose(a2, 1, 0), g2))
 		return nil
 	}
+	if c.sameBatch(b, c.y(0)) {
+		c.set(1, c.matmul(c.swapLast2(a), gy))
+		return nil
+	}
 	return c.setReducedTo(1, c.matmul(c.swapLast2(a), gy))
+}
+
+// sameBatch reports whether operand v of a batched MatMul provably has the
+// output's batch dims, so its gradient needs no reduction.
+func (c *ctx) sameBatch(v, y string) bool {
+	sv, okV := c.ti.shape[v]
+	sy, okY := c.ti.shape[y]
+	if !okV || !okY || len(sv) != len(sy) || len(sv) < 2 {
+		return false
+	}
+	for i := 0; i < len(sv)-2; i++ {
+		if !sv[i].sameAs(sy[i]) {
+			return false
+		}
+	}
+	return true
 }
 
 // setReducedTo reduces g, of whatever broadcast shape, to input i's shape.
