@@ -49,6 +49,9 @@ type InjectConfig struct {
 	// IR version 4 is raised to 4 (initializers become overridable inputs
 	// only from IR 4).
 	AdapterInputs bool
+	// factors holds the PiSSA/OLoRA starting A and B per module, set by
+	// Inject for those inits.
+	factors map[string]*initFactors
 }
 
 // Injection is the result of Inject: the manifest written into the model
@@ -94,8 +97,8 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 	if cfg.Init == "" {
 		cfg.Init = InitKaiming
 	}
-	if cfg.Init != InitKaiming && cfg.Init != InitGaussian {
-		return nil, fmt.Errorf("unknown init %q: use %q or %q", cfg.Init, InitKaiming, InitGaussian)
+	if err := cfg.Init.check(); err != nil {
+		return nil, err
 	}
 	if cfg.Dropout < 0 || cfg.Dropout >= 1 || math.IsNaN(cfg.Dropout) {
 		return nil, fmt.Errorf("dropout must be in [0, 1), got %v", cfg.Dropout)
@@ -119,6 +122,10 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 		adapted[a.Module] = true
 	}
 	inj := &Injection{Manifest: man}
+	// PiSSA/OLoRA: factors from the weights, residuals into the base.
+	if cfg.factors, err = baseInit(m, layers, sel, cfg, adapted); err != nil {
+		return nil, err
+	}
 	for _, s := range sel {
 		l := layers[s.Index]
 		if adapted[l.Module] {
@@ -127,6 +134,9 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 		a, err := injectOne(m, l, s.Rank, s.Alpha, cfg)
 		if err != nil {
 			return nil, fmt.Errorf("module %s: %w", l.Module, err)
+		}
+		if cfg.factors != nil {
+			a.Init = string(cfg.Init)
 		}
 		man.Adapters = append(man.Adapters, *a)
 		inj.Layers = append(inj.Layers, l)
@@ -197,9 +207,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 		}
 		switch p.Name {
 		case "A":
-			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, initA(l.Module, l.In, r, cfg))
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, loraAValues(l, r, cfg))
 		case "B":
-			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_B.weight"), l.DType, []int64{r, l.Out}, make([]float64, r*l.Out))
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_B.weight"), l.DType, []int64{r, l.Out}, loraBValues(l, r, cfg))
 		case "S":
 			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), l.DType, nil, []float64{scaling})
 		case "ratio":

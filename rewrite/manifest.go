@@ -52,6 +52,10 @@ type Adapter struct {
 	// DropoutRatio the scalar initializer holding it (opset 12 and later).
 	Dropout      float64 `json:"dropout,omitempty"`
 	DropoutRatio string  `json:"dropout_ratio,omitempty"`
+	// Init is PEFT's init_lora_weights when it changed the base weight
+	// (pissa, pissa_niter_N, olora): the weight then holds the residual,
+	// and the adapter is a delta on it, not on the original model.
+	Init string `json:"init,omitempty"`
 	// Graph names the subgraph holding the layer, empty for the main graph.
 	Graph string `json:"graph,omitempty"`
 	// Output is the value the branch's Add writes: the node's original
