@@ -3,6 +3,7 @@ package autodiff
 import (
 	"errors"
 	"math"
+	"math/rand"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -185,4 +186,78 @@ func TestStepGraphAnyBatchShape(t *testing.T) {
 			t.Errorf("output %d: two identical rows differ from one row by %.3g", i, rel)
 		}
 	}
+}
+
+// An fp16 model: the loss is computed in float32 and the gradients come
+// out in float16; they agree with the float32 model's (the same weights
+// before rounding) to fp16 precision.
+func TestFloat16Model(t *testing.T) {
+	orttest.Require(t)
+	grads := map[string]map[string][]float64{}
+	for _, name := range []string{"tiny-gpt.onnx", "tiny-gpt-fp16.onnx"} {
+		m, err := graph.Load(testutil.TestModel(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		inj, err := rewrite.Inject(m, rewrite.InjectConfig{SelectOptions: rewrite.SelectOptions{Targets: []string{"q_proj", "v_proj"}, Rank: 4, Alpha: 8}, Seed: 5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := m.Graph()
+		for _, a := range inj.Manifest.Adapters {
+			tp, _ := g.Initializer(a.LoraB)
+			fillRandom(tp.RawData, graph.DataType(tp.GetDataType()), rand.New(rand.NewSource(int64(len(a.Module)))), 0.5)
+		}
+		step, err := Build(m, Options{Loss: "causal-lm", Params: inj.Manifest.Trainable})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if name == "tiny-gpt-fp16.onnx" && (step.Params[0].DType != graph.Float16 || graph.DataType(m.Proto.Graph.Output[0].GetType().GetTensorType().GetElemType()) != graph.Float) {
+			t.Fatalf("fp16 model: parameter type %s, loss type %d; want FLOAT16 and FLOAT", step.Params[0].DType, m.Proto.Graph.Output[0].GetType().GetTensorType().GetElemType())
+		}
+		path := filepath.Join(t.TempDir(), "step.onnx")
+		if err := m.Save(path, graph.SaveOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		s := orttest.Open(t, path)
+		ids := []int64{3, 17, 9, 42, 5, 11, 60, 2, 8, 30, 1, 4}
+		var feeds []ortrun.Tensor
+		for _, in := range s.Inputs() {
+			switch in.Name {
+			case "input_ids", "labels":
+				tt, _ := ortrun.NewTensor(in.Name, []int64{2, 6}, ids)
+				feeds = append(feeds, tt)
+			case "attention_mask":
+				ones := make([]int64, 12)
+				for i := range ones {
+					ones[i] = 1
+				}
+				tt, _ := ortrun.NewTensor(in.Name, []int64{2, 6}, ones)
+				feeds = append(feeds, tt)
+			}
+		}
+		names := []string{step.Loss}
+		for _, p := range step.Params {
+			names = append(names, p.Grad)
+		}
+		out, err := s.RunOutputs(feeds, names)
+		if err != nil {
+			t.Fatal(err)
+		}
+		grads[name] = map[string][]float64{}
+		for i, n := range names {
+			grads[name][strings.TrimSuffix(n, GradSuffix)], _ = out[i].Float64s()
+		}
+	}
+	worst := 0.0
+	for name, want := range grads["tiny-gpt.onnx"] {
+		got := grads["tiny-gpt-fp16.onnx"][name]
+		rel := relErr(got, want)
+		if rel > 2e-2 || math.IsNaN(rel) {
+			t.Errorf("%s: fp16 model differs from fp32 by %.3g", name, rel)
+		}
+		worst = math.Max(worst, rel)
+	}
+	t.Logf("fp16 loss and gradients within %.2g of the fp32 model's", worst)
 }

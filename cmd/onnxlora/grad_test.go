@@ -140,3 +140,28 @@ func writeSinModel(t *testing.T, path string) {
 		t.Fatal(err)
 	}
 }
+
+// A model with external data gives a step graph with external data, and
+// the input's files are left as they were.
+func TestGradExternalData(t *testing.T) {
+	dir := t.TempDir()
+	lora := filepath.Join(dir, "lora.onnx")
+	mustRun(t, "inject", model("tiny-gpt-extdata/model.onnx"), "-o", lora, "--target", "q_proj", "--rank", "2")
+	before, err := os.ReadFile(model("tiny-gpt-extdata/model.onnx.data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	step := filepath.Join(dir, "step", "step.onnx")
+	if err := os.Mkdir(filepath.Dir(step), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "grad", lora, "-o", step)
+	if _, err := os.Stat(step + ".data"); err != nil {
+		t.Fatalf("no external data next to the step graph: %v", err)
+	}
+	after, _ := os.ReadFile(model("tiny-gpt-extdata/model.onnx.data"))
+	if string(before) != string(after) {
+		t.Fatal("the input's data file changed")
+	}
+	orttest.Open(t, step)
+}
