@@ -60,6 +60,16 @@ type Step struct {
 	RaisedFrom int64 `json:"raised_from,omitempty"`
 }
 
+// OutputNames lists the step graph's outputs: the loss, then each
+// parameter's gradient in the order of Params.
+func (s *Step) OutputNames() []string {
+	names := []string{s.Loss}
+	for _, p := range s.Params {
+		names = append(names, p.Grad)
+	}
+	return names
+}
+
 // Names of the step graph's fixed inputs and outputs (those ONNX Runtime
 // training uses).
 const (

@@ -165,10 +165,7 @@ func TestStepGraphAnyBatchShape(t *testing.T) {
 			}
 			feeds = append(feeds, tt)
 		}
-		names := []string{step.Loss}
-		for _, p := range step.Params {
-			names = append(names, p.Grad)
-		}
+		names := step.OutputNames()
 		out, err := s.RunOutputs(feeds, names)
 		if err != nil {
 			t.Fatal(err)
@@ -237,10 +234,7 @@ func TestFloat16Model(t *testing.T) {
 				feeds = append(feeds, tt)
 			}
 		}
-		names := []string{step.Loss}
-		for _, p := range step.Params {
-			names = append(names, p.Grad)
-		}
+		names := step.OutputNames()
 		out, err := s.RunOutputs(feeds, names)
 		if err != nil {
 			t.Fatal(err)

@@ -93,10 +93,7 @@ func corpusCase(t *testing.T, path, loss string, checkFD bool) {
 		}
 		return out
 	}
-	names := []string{step.Loss}
-	for _, p := range step.Params {
-		names = append(names, p.Grad)
-	}
+	names := step.OutputNames()
 	out := run(names)
 	l0, _ := out[0].Float64s()
 	if math.IsNaN(l0[0]) || math.IsInf(l0[0], 0) {

@@ -245,10 +245,7 @@ func (c fdCase) run(t *testing.T) {
 		}
 		return feeds
 	}
-	names := []string{step.Loss}
-	for _, p := range step.Params {
-		names = append(names, p.Grad)
-	}
+	names := step.OutputNames()
 	res, err := s.RunOutputs(feeds("", nil), names)
 	if err != nil {
 		t.Fatalf("step: %v", err)

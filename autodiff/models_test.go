@@ -120,10 +120,7 @@ func runGradCase(t *testing.T, file string) {
 		}
 		feeds = append(feeds, tt)
 	}
-	names := []string{step.Loss}
-	for _, p := range step.Params {
-		names = append(names, p.Grad)
-	}
+	names := step.OutputNames()
 	outs, err := s.RunOutputs(feeds, names)
 	if err != nil {
 		t.Fatal(err)
