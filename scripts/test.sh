@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what is missing (scripts/setup.sh),
 # checks formatting, generated code and vet, runs the tests, then the
-# loader fuzzers for a short fixed time.
+# readers' fuzzers for a short fixed time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
