@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -21,6 +22,11 @@ type MergeOptions struct {
 	Output       string
 	Adapter      string
 	Only         []string
+	AdapterNames []string
+	Maps         []string
+	MapFile      string
+	Preset       string
+	Verbose      bool
 	Scale        float64
 	Safe         bool
 	AllowPartial bool
@@ -47,19 +53,27 @@ adapted layer changes. Adapters are found from the model's manifest, or, if
 its metadata was stripped, by the structure of their branches.
 
 With --adapter DIR, MODEL is the ONNX export of a base model and DIR a PEFT
-adapter directory (adapter_config.json + adapter_model.safetensors): each PEFT
-module is matched to the ONNX layer whose module path shares its longest
-dotted suffix (so base_model.model.model.layers.0.self_attn.q_proj finds
-layers.0.self_attn.q_proj), and r, lora_alpha, use_rslora, rank_pattern and
-alpha_pattern are honoured. Keys that match no layer or several are reported;
-features that cannot be merged exactly (DoRA, LoRA biases) are refused.
+adapter directory (adapter_config.json + adapter_model.safetensors). Only what
+PEFT itself would load is applied: a key whose module the config's
+target_modules / layers_to_transform / exclude_modules do not select is an
+error. Each module path (the key after base_model.model.) goes to the layer
+with the same path, or one that differs only by leading segments holding no
+layer number (model.layers.0.q_proj finds layers.0.q_proj, but
+model.layers.1.fc1 never finds a lone fc1); --map FROM=TO, --map-file and the
+exporter preset (--preset, chosen from the model's producer: onnxruntime-genai
+names self_attn "attn") rename paths first. Linear and Embedding LoRA,
+modules_to_save weights and biases, r, lora_alpha, use_rslora, rank_pattern,
+alpha_pattern and fan_in_fan_out are honoured; features a plain merge would
+get wrong (DoRA, LoRA biases) are refused. 'onnxlora inspect MODEL --adapter
+DIR' shows the mapping without writing anything.
 
 Weights are streamed tensor by tensor on all cores, so memory stays a small
 fraction of the model's size.`,
 		Example: `  onnxlora merge lora-trained.onnx -o merged.onnx
   onnxlora merge lora-trained.onnx -o merged.onnx --only model.layers.0.self_attn.q_proj
   onnxlora merge lora-trained.onnx -o half.onnx --scale 0.5 --safe
-  onnxlora merge model.onnx --adapter ./my-peft-adapter -o merged.onnx`,
+  onnxlora merge model.onnx --adapter ./my-peft-adapter -o merged.onnx
+  onnxlora merge serve.onnx --adapter customer-a.onnx_adapter -o customer-a.onnx`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -75,9 +89,13 @@ fraction of the model's size.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "file to write the merged model to")
-	fl.StringVar(&opts.Adapter, "adapter", "", "a PEFT adapter directory to apply to MODEL instead of its own adapters")
+	fl.StringVar(&opts.Adapter, "adapter", "", "a PEFT adapter directory or an .onnx_adapter file to apply to MODEL instead of its own adapters")
 	fl.StringSliceVar(&opts.Only, "only", nil, "merge only these modules (module paths; PEFT module names with --adapter); the others stay live")
-	fl.StringSliceVar(&opts.Only, "adapter-name", nil, "same as --only")
+	fl.StringSliceVar(&opts.AdapterNames, "adapter-name", nil, "same as --only; the two lists add up")
+	fl.StringArrayVar(&opts.Maps, "map", nil, "with --adapter: rename PEFT module paths, `FROM=TO` (a regex; $1 or \\1 for groups), repeatable, applied in order")
+	fl.StringVar(&opts.MapFile, "map-file", "", "with --adapter: module map rules from a JSON or YAML file ({FROM: TO} or [{from, to}]), applied before --map")
+	fl.StringVar(&opts.Preset, "preset", "auto", "with --adapter: exporter naming preset (auto: by the model's producer; none; "+presetNames()+")")
+	fl.BoolVar(&opts.Verbose, "verbose", false, "with --adapter: list every PEFT module that matches no layer")
 	fl.Float64Var(&opts.Scale, "scale", 1, "merge at this strength: W += scale * scaling * A·B")
 	fl.BoolVar(&opts.Safe, "safe", false, "refuse to write NaN or Inf weights (PEFT's safe_merge)")
 	fl.BoolVar(&opts.AllowPartial, "allow-partial", false, "with --adapter: apply what matches and list the PEFT modules that match no layer")
@@ -100,32 +118,97 @@ func (o *MergeOptions) validate(cmd *cobra.Command) error {
 	if o.AllowPartial && o.Adapter == "" {
 		return usageErrorf("--allow-partial goes with --adapter")
 	}
-	for i, m := range o.Only {
-		o.Only[i] = strings.TrimSpace(m)
+	for _, name := range []string{"only", "adapter-name"} {
+		// pflag reads --only "" as an empty list, which would mean "all".
+		if f := cmd.Flags().Lookup(name); f != nil && f.Changed && f.Value.String() == "[]" {
+			return usageErrorf("empty module name in --%s: name the modules to merge, or leave the flag out to merge all", name)
+		}
+	}
+	for _, list := range [][]string{o.Only, o.AdapterNames} {
+		for i, m := range list {
+			if list[i] = strings.TrimSpace(m); list[i] == "" {
+				return usageErrorf("empty module name in --only/--adapter-name: name the modules to merge, or leave the flag out to merge all")
+			}
+		}
+	}
+	if o.Adapter == "" && (len(o.Maps) > 0 || o.MapFile != "" || cmd.Flags().Changed("preset")) {
+		return usageErrorf("--map, --map-file and --preset go with --adapter")
 	}
 	return nil
 }
 
+// presetNames lists the module map presets for help text.
+func presetNames() string {
+	var names []string
+	for _, p := range rewrite.MapPresets {
+		names = append(names, p.Name)
+	}
+	return strings.Join(names, ", ")
+}
+
+// mapRules reads --map-file and --map, in that order.
+func (o *MergeOptions) mapRules() ([]rewrite.MapRule, error) {
+	var rules []rewrite.MapRule
+	if o.MapFile != "" {
+		r, err := rewrite.ReadMapFile(o.MapFile)
+		if err != nil {
+			return nil, err
+		}
+		rules = append(rules, r...)
+	}
+	r, err := rewrite.ParseMapRules(o.Maps)
+	if err != nil {
+		return nil, usageErrorf("invalid --map: %v", err)
+	}
+	return append(rules, r...), nil
+}
+
+// unmatchedError turns ApplyPEFT's unmatched-module error into one line
+// naming the flags that fix it (the list goes to stderr with --verbose).
+func (o *MergeOptions) unmatchedError(ue *rewrite.UnmatchedError) error {
+	if o.Verbose {
+		fmt.Fprintf(o.IO.ErrOut, "PEFT modules that match no layer:\n%s", ue.Details())
+		return fmt.Errorf("%s; rename them with --map FROM=TO (or --map-file), or add --allow-partial to apply the rest", ue.Error())
+	}
+	return fmt.Errorf("%s; rename them with --map FROM=TO (or --map-file), or add --allow-partial to apply the rest (--verbose lists them all)", ue.Error())
+}
+
 func runMerge(opts *MergeOptions) error {
 	ios := opts.IO
-	mo := rewrite.MergeOptions{Only: opts.Only, Scale: opts.Scale, Safe: opts.Safe, AllowPartial: opts.AllowPartial}
+	only := append(append([]string(nil), opts.Only...), opts.AdapterNames...)
+	mo := rewrite.MergeOptions{Only: only, Scale: opts.Scale, Safe: opts.Safe, AllowPartial: opts.AllowPartial, Preset: opts.Preset}
+	if opts.Adapter != "" {
+		rules, err := opts.mapRules()
+		if err != nil {
+			return err
+		}
+		mo.Map = rules
+	}
 	save := graph.SaveOptions{External: opts.External.mode}
 	stop := ios.StartProgress("merging " + opts.Model)
 	var rep *rewrite.MergeReport
 	var err error
-	if opts.Adapter != "" {
+	if opts.Adapter != "" && isAdapterFile(opts.Adapter) {
+		rep, err = rewrite.ApplyOnnxAdapterFile(opts.Model, opts.Adapter, opts.Output, mo, save)
+	} else if opts.Adapter != "" {
 		rep, err = rewrite.ApplyPEFTFile(opts.Model, opts.Adapter, opts.Output, mo, save)
 	} else {
 		rep, err = rewrite.MergeFile(opts.Model, opts.Output, mo, save)
 	}
 	stop()
+	var ue *rewrite.UnmatchedError
+	if errors.As(err, &ue) {
+		return opts.unmatchedError(ue)
+	}
 	if err != nil {
 		return err
 	}
 	if opts.JSON {
 		return writeJSON(ios.Out, rep)
 	}
-	writeMergeTable(ios.Out, rep)
+	if !ios.Quiet {
+		writeMergeTable(ios.Out, rep)
+	}
 	for _, m := range rep.Unmatched {
 		ios.Warnf("PEFT module %s matches no layer; not applied", m)
 	}
