@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -23,12 +24,19 @@ import (
 // folder synced so the rename survives a crash. Readers see the old output
 // or the complete new one, and a failed write leaves the old one as it was.
 //
-// Temporaries are named ".<destination name>.onnxlora-tmp-<random>", so a
-// later write to the same destination recognises the ones a crashed run
-// left and removes them (when they are older than staleAfter, so a write in
-// progress is left alone). Nothing else is ever deleted, except the data
-// file an earlier model output at the same path used (see PairWriter).
+// Temporaries are named ".<destination name>.onnxlora-tmp-<pid>-<random>",
+// so a later write to the same destination recognises the ones a crashed run
+// left and removes them: those of a process that no longer runs, and any
+// older than staleAfter (a write in progress is left alone). Nothing else is
+// ever deleted, except the data file an earlier model output at the same
+// path used (see PairWriter) and the data file a killed PairWriter renamed
+// into place without its model (recorded in the destination's lock file).
 // New files get mode 0644 less the umask, like any file a program creates.
+//
+// Writers of one destination take turns: each holds an exclusive lock
+// (flock on ".<destination name>.onnxlora-lock", removed when done) while it
+// switches files into place, and a PairWriter from start to finish, so
+// concurrent writes end with one complete output, never a mix.
 
 const tmpMarker = ".onnxlora-tmp-"
 
@@ -38,6 +46,26 @@ const tmpMarker = ".onnxlora-tmp-"
 var staleAfter = time.Hour
 
 func tmpPrefix(dest string) string { return "." + filepath.Base(dest) + tmpMarker }
+
+// tmpName is a fresh temporary name for dest, carrying this process's id so
+// that a later write can tell a crashed run's files from a live one's.
+func tmpName(dest string) string {
+	return filepath.Join(filepath.Dir(dest), tmpPrefix(dest)+strconv.Itoa(os.Getpid())+"-"+randomSuffix())
+}
+
+// isStale reports whether a temporary of ours (name after the prefix) was
+// left by a crash: its process is gone, or it is older than staleAfter.
+func isStale(rest string, mod time.Time) bool {
+	if time.Since(mod) >= staleAfter {
+		return true
+	}
+	pid, _, ok := strings.Cut(rest, "-")
+	if !ok {
+		return false
+	}
+	n, err := strconv.Atoi(pid)
+	return err == nil && n > 0 && n != os.Getpid() && !processAlive(n)
+}
 
 func randomSuffix() string {
 	var b [6]byte
@@ -49,9 +77,11 @@ func randomSuffix() string {
 
 // createTemp creates a new temporary file for dest, beside it.
 func createTemp(dest string) (*os.File, error) {
-	dir, prefix := filepath.Dir(dest), tmpPrefix(dest)
 	for range 100 {
-		f, err := os.OpenFile(filepath.Join(dir, prefix+randomSuffix()), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		f, err := os.OpenFile(tmpName(dest), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, missingFolder(dest)
+		}
 		if !errors.Is(err, fs.ErrExist) {
 			return f, err
 		}
@@ -75,7 +105,7 @@ func removeStale(dest string, ours map[string]bool) {
 		}
 		p := filepath.Join(dir, e.Name())
 		st, err := os.Lstat(p)
-		if err != nil || time.Since(st.ModTime()) < staleAfter {
+		if err != nil || !isStale(strings.TrimPrefix(e.Name(), prefix), st.ModTime()) {
 			continue
 		}
 		switch {
@@ -153,11 +183,16 @@ func fill(f *os.File, write func(io.Writer) error) (err error) {
 // old file or the complete new one and a failed write leaves nothing new
 // behind. Errors name path. The file gets mode 0644 less the umask.
 func WriteFileAtomic(path string, write func(io.Writer) error) error {
+	if err := checkWritable(path); err != nil {
+		return err
+	}
 	removeStale(path, nil)
 	tmp, err := writeTemp(path, write)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
+	lock := lockDest(path)
+	defer lock.unlock()
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("%s: %w", path, unwrapLinkError(err))
@@ -185,12 +220,18 @@ type PairWriter struct {
 	path, dataFile string
 	keep           []string
 	done           bool
+	lock           *destLock
 }
 
 // NewPairWriter starts writing a model to path with its data in dataFile
 // (a plain file name) beside it. The files in keep (the inputs) are never
 // removed.
 func NewPairWriter(path, dataFile string, keep ...string) (*PairWriter, error) {
+	if err := checkWritable(path); err != nil {
+		return nil, err
+	}
+	// Held until Commit or Abort: the data file name chosen here stays free.
+	lock := lockDest(path)
 	removeStale(path, nil)
 	dataName := dataFile
 	if _, err := os.Lstat(filepath.Join(filepath.Dir(path), dataFile)); err == nil {
@@ -198,9 +239,10 @@ func NewPairWriter(path, dataFile string, keep ...string) (*PairWriter, error) {
 	}
 	f, err := createTemp(path)
 	if err != nil {
+		lock.unlock()
 		return nil, fmt.Errorf("%s: %w", path, unwrapPathError(err))
 	}
-	return &PairWriter{Data: f, DataName: dataName, path: path, dataFile: dataFile, keep: keep}, nil
+	return &PairWriter{Data: f, DataName: dataName, path: path, dataFile: dataFile, keep: keep, lock: lock}, nil
 }
 
 // uniqueDataName inserts a random part before the data file's extension:
@@ -232,6 +274,7 @@ func (p *PairWriter) Abort() {
 	p.done = true
 	p.Data.Close()
 	os.Remove(p.Data.Name())
+	p.lock.unlock()
 }
 
 // Commit writes the model bytes and switches both files into place. With
@@ -239,6 +282,7 @@ func (p *PairWriter) Abort() {
 // (nothing of it went external). On error nothing new is left at either
 // name and the earlier output is as it was.
 func (p *PairWriter) Commit(model []byte, withData bool) (err error) {
+
 	if p.done {
 		return errors.New("pair writer already finished")
 	}
@@ -258,6 +302,13 @@ func (p *PairWriter) Commit(model []byte, withData bool) (err error) {
 		return fmt.Errorf("%s: %w", p.path, err)
 	}
 	old := p.oldDataFiles()
+	// Should this process die between the renames, the next writer of
+	// path learns from the lock file which files to remove.
+	journal := old
+	if withData {
+		journal = append([]string{dataPath}, old...)
+	}
+	p.lock.record(journal)
 	if withData {
 		// The data file goes first: a model file never points at missing data.
 		if err := os.Rename(p.Data.Name(), dataPath); err != nil {
@@ -278,6 +329,7 @@ func (p *PairWriter) Commit(model []byte, withData bool) (err error) {
 			os.Remove(f)
 		}
 	}
+	p.lock.record(nil)
 	return nil
 }
 
@@ -285,35 +337,65 @@ func (p *PairWriter) Commit(model []byte, withData bool) (err error) {
 // that this writer may remove once the new model is in place: those named
 // like its own data files, beside the model, that are not inputs.
 func (p *PairWriter) oldDataFiles() []string {
-	st, err := os.Stat(p.path)
-	if err != nil || !st.Mode().IsRegular() || st.Size() > maxProtoSize {
-		return nil
+	locs, _ := dataLocations(p.path)
+	var out []string
+outer:
+	for _, loc := range locs {
+		if !isDataName(loc, p.dataFile) {
+			continue
+		}
+		path := filepath.Join(filepath.Dir(p.path), loc)
+		for _, k := range p.keep {
+			if sameFile(path, k) {
+				continue outer
+			}
+		}
+		out = append(out, path)
 	}
-	raw, err := os.ReadFile(p.path)
+	return out
+}
+
+// dataLocations lists the plain-named external data files (beside it) that
+// the model at path uses. ok is false when the file exists but cannot be
+// read; a missing file or one that is not a model uses none.
+func dataLocations(path string) (locs []string, ok bool) {
+	f, st, err := openRegular(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, true
+	}
+	if errors.Is(err, ErrNotRegular) {
+		return nil, true
+	}
 	if err != nil {
-		return nil
+		return nil, false
+	}
+	defer f.Close()
+	if st.Size() > maxProtoSize {
+		return nil, false
+	}
+	raw := make([]byte, st.Size())
+	if _, err := io.ReadFull(f, raw); err != nil {
+		return nil, false
 	}
 	mp := &onnxpb.ModelProto{}
 	if proto.Unmarshal(raw, mp) != nil {
-		return nil
+		return nil, true
 	}
-	m := NewModel(mp, filepath.Dir(p.path))
 	seen := map[string]bool{}
-	var out []string
-	m.Tensors(func(t *onnxpb.TensorProto) {
-		ref, err := m.ExternalRef(t)
-		if err != nil || seen[ref.Path] || strings.ContainsAny(ref.Location, `/\`) || !isDataName(ref.Location, p.dataFile) {
+	NewModel(mp, "").Tensors(func(t *onnxpb.TensorProto) {
+		if !IsExternal(t) {
 			return
 		}
-		seen[ref.Path] = true
-		for _, k := range p.keep {
-			if sameFile(ref.Path, k) {
-				return
+		for _, kv := range t.ExternalData {
+			loc := kv.GetValue()
+			if kv.GetKey() != "location" || seen[loc] || loc == "" || loc == "." || loc == ".." || strings.ContainsAny(loc, `/\`) {
+				continue
 			}
+			seen[loc] = true
+			locs = append(locs, loc)
 		}
-		out = append(out, ref.Path)
 	})
-	return out
+	return locs, true
 }
 
 func sameFile(a, b string) bool {
@@ -357,6 +439,8 @@ func WriteDirAtomic(dir string, files []DirFile) (err error) {
 			dir = real
 		}
 	}
+	lock := lockDest(dir)
+	defer lock.unlock()
 	removeStale(dir, ours)
 	parent := filepath.Dir(dir)
 	tmp := filepath.Join(parent, tmpPrefix(dir)+randomSuffix())

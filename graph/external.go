@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"google.golang.org/protobuf/proto"
 
@@ -116,11 +117,65 @@ func resolveInside(dir, location string) (string, error) {
 		}
 		return "", err
 	}
-	rel, err := filepath.Rel(realDir, realPath)
-	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
-		return "", fmt.Errorf("location %q leads outside the model's folder through a symlink", location)
+	if !within(realDir, realPath) && !inSymlinkRoot(realPath) {
+		return "", fmt.Errorf("location %q leads outside the model's folder through a symlink (to allow links into a folder such as a Hugging Face cache, use --allow-symlinks DIR)", location)
 	}
 	return path, nil
+}
+
+// within reports whether path is dir or inside it (both resolved).
+func within(dir, path string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) && !filepath.IsAbs(rel)
+}
+
+// symlinkRoots are the folders external data may reach through symbolic
+// links, besides the model's own folder (AllowSymlinksUnder).
+var symlinkRoots struct {
+	sync.Mutex
+	dirs []string
+}
+
+// AllowSymlinksUnder lets external data locations lead, through symbolic
+// links, to files inside these folders as well as the model's own: a
+// Hugging Face cache snapshot links model.onnx.data to ../../blobs/<hash>.
+// Locations themselves must still be relative and free of "..". Each call
+// replaces the list; no argument restores the default (the model's folder
+// only). It is process-wide, for a command line's flag.
+func AllowSymlinksUnder(dirs ...string) error {
+	var real []string
+	for _, d := range dirs {
+		r, err := filepath.EvalSymlinks(d)
+		if err != nil {
+			return fmt.Errorf("%s: %w", d, unwrapPathError(err))
+		}
+		if st, err := os.Stat(r); err != nil || !st.IsDir() {
+			return fmt.Errorf("%s is not a folder", d)
+		}
+		if r, err = filepath.Abs(r); err != nil {
+			return err
+		}
+		real = append(real, r)
+	}
+	symlinkRoots.Lock()
+	symlinkRoots.dirs = real
+	symlinkRoots.Unlock()
+	return nil
+}
+
+func inSymlinkRoot(realPath string) bool {
+	abs, err := filepath.Abs(realPath)
+	if err != nil {
+		return false
+	}
+	symlinkRoots.Lock()
+	defer symlinkRoots.Unlock()
+	for _, d := range symlinkRoots.dirs {
+		if within(d, abs) {
+			return true
+		}
+	}
+	return false
 }
 
 // openData returns a shared handle on an external data file.
@@ -130,9 +185,9 @@ func (m *Model) openData(path string) (*os.File, error) {
 	if f, ok := m.files[path]; ok {
 		return f, nil
 	}
-	f, err := os.Open(path)
+	f, _, err := openRegular(path)
 	if err != nil {
-		return nil, err
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	if m.files == nil {
 		m.files = map[string]*os.File{}

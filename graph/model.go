@@ -35,9 +35,9 @@ type Model struct {
 // Load reads the ONNX model at path. External data is validated (it must stay
 // inside the model's folder and hold the bytes its tensors claim) but not read.
 func Load(path string) (*Model, error) {
-	f, err := os.Open(path)
+	f, _, err := openRegular(path) // a FIFO must not block
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, unwrapPathError(err))
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	defer f.Close()
 	st, err := f.Stat()
@@ -272,27 +272,6 @@ func (m *Model) validateTensors() error {
 		}
 	})
 	return err
-}
-
-func (m *Model) validateTensor(t *onnxpb.TensorProto) error {
-	dt := DataType(t.GetDataType())
-	if _, err := NumElements(t.Dims); err != nil {
-		return fmt.Errorf("tensor %q: %w", t.GetName(), err)
-	}
-	if IsExternal(t) {
-		_, err := m.externalRef(t)
-		return err
-	}
-	if t.RawData != nil && dt.BitSize() > 0 && t.Segment == nil {
-		want, err := ByteSize(dt, t.Dims)
-		if err != nil {
-			return fmt.Errorf("tensor %q: %w", t.GetName(), err)
-		}
-		if int64(len(t.RawData)) != want {
-			return fmt.Errorf("tensor %q: raw_data has %d bytes, but %v %v needs %d", t.GetName(), len(t.RawData), dt, t.Dims, want)
-		}
-	}
-	return nil
 }
 
 func unwrapPathError(err error) error {

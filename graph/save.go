@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
+	"github.com/onnxlora/onnxlora/internal/paths"
 )
 
 // ExternalMode says when Save writes tensors to an external data file.
@@ -107,16 +108,11 @@ func (m *Model) CheckOutputs(outputs ...string) error {
 			return fmt.Errorf("%s: is a folder; Save needs a file name", out)
 		}
 	}
-	inputs := m.inputFiles()
+	var g paths.Guard
+	g.Input("a file of the model", m.inputFiles()...)
 	for _, out := range outputs {
-		ost, err := os.Stat(out)
-		if err != nil {
-			continue
-		}
-		for _, in := range inputs {
-			if ist, err := os.Stat(in); err == nil && os.SameFile(ist, ost) {
-				return fmt.Errorf("%s: refusing to overwrite the input file %s; choose another output", out, in)
-			}
+		if err := g.Output("output", out); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -67,6 +67,12 @@ type Options struct {
 	// Session configures both ORT sessions (nil means ortrun's defaults:
 	// one intra-op thread, all optimizations).
 	Session *ortrun.Options
+	// Adapter names an .onnx_adapter file made active on every run of
+	// model B (ONNX Runtime's RunOptionsAddActiveLoraAdapter), so B, an
+	// adapter-input model, is checked with that adapter against A, e.g.
+	// the base merged with it. Its parameters must be inputs of B of the
+	// same type and a fitting shape.
+	Adapter string
 }
 
 // DefaultTolerance returns the rtol and atol used for outputs of type d
@@ -125,6 +131,8 @@ func ToleranceFor(out ortrun.DType, weights ...ortrun.DType) (rtol, atol float64
 type Report struct {
 	// A is the reference model, B the one checked against it.
 	A, B string
+	// Adapter is the .onnx_adapter file active on B's runs, if any.
+	Adapter string
 	// Samples is the number of input sets compared; Seed drew them.
 	Samples int
 	Seed    uint64
@@ -229,6 +237,7 @@ func (r *Report) MarshalJSON() ([]byte, error) {
 	return json.Marshal(struct {
 		A         string             `json:"a"`
 		B         string             `json:"b"`
+		Adapter   string             `json:"adapter,omitempty"`
 		Pass      bool               `json:"pass"`
 		Samples   int                `json:"samples"`
 		Seed      uint64             `json:"seed"`
@@ -238,7 +247,7 @@ func (r *Report) MarshalJSON() ([]byte, error) {
 		Latency   map[string]float64 `json:"latency_ms"`
 		TimedRuns int                `json:"timed_runs"`
 		Warnings  []string           `json:"warnings"`
-	}{r.A, r.B, r.Pass, r.Samples, r.Seed, r.Dims, ins, outs,
+	}{r.A, r.B, r.Adapter, r.Pass, r.Samples, r.Seed, r.Dims, ins, outs,
 		map[string]float64{"a": ms(r.LatencyA), "b": ms(r.LatencyB)}, r.TimedRuns, nonNil(r.Warnings)})
 }
 
@@ -297,6 +306,18 @@ func Compare(a, b string, opts Options) (*Report, error) {
 	if err := checkCompatible(a, b, sa, sb); err != nil {
 		return nil, err
 	}
+	var runB ortrun.RunOptions
+	if opts.Adapter != "" {
+		ad, err := ortrun.LoadAdapter(opts.Adapter)
+		if err != nil {
+			return nil, err
+		}
+		defer ad.Close()
+		if err := adapterFits(ad, sb); err != nil {
+			return nil, err
+		}
+		runB.Adapters = []*ortrun.Adapter{ad}
+	}
 	inputs := sa.Inputs()
 	for _, in := range inputs {
 		if !in.IsTensor {
@@ -318,7 +339,7 @@ func Compare(a, b string, opts Options) (*Report, error) {
 		return nil, fmt.Errorf("%s: %w", a, err)
 	}
 
-	rep := &Report{A: a, B: b, Samples: samples, Seed: opts.Seed, Dims: dims, Inputs: plans, TimedRuns: timed}
+	rep := &Report{A: a, B: b, Adapter: opts.Adapter, Samples: samples, Seed: opts.Seed, Dims: dims, Inputs: plans, TimedRuns: timed}
 	outInfos := sa.Outputs()
 	rep.Outputs = make([]OutputReport, len(outInfos))
 	for i, o := range outInfos {
@@ -339,7 +360,13 @@ func Compare(a, b string, opts Options) (*Report, error) {
 	var timesA, timesB []time.Duration
 	run := func(s *ortrun.Session, ins []ortrun.Tensor, times *[]time.Duration) ([]ortrun.Tensor, error) {
 		start := time.Now()
-		outs, err := s.RunOutputs(ins, outNames)
+		var outs []ortrun.Tensor
+		var err error
+		if s == sb {
+			outs, err = s.RunWith(ins, outNames, runB)
+		} else {
+			outs, err = s.RunOutputs(ins, outNames)
+		}
 		if times != nil {
 			*times = append(*times, time.Since(start))
 		}
@@ -407,6 +434,40 @@ func Compare(a, b string, opts Options) (*Report, error) {
 		rep.Pass = rep.Pass && o.Pass
 	}
 	return rep, nil
+}
+
+// adapterFits checks every parameter of adapter ad against the inputs of
+// the model of session s (overridable initializers included): present,
+// same element type, a shape the input accepts.
+func adapterFits(ad *ortrun.Adapter, s *ortrun.Session) error {
+	infos := map[string]ortrun.TensorInfo{}
+	var names []string
+	for _, in := range append(s.Inputs(), s.OverridableInitializers()...) {
+		infos[in.Name] = in
+		if strings.Contains(in.Name, "lora_") {
+			names = append(names, in.Name)
+		}
+	}
+	sort.Strings(names)
+	for _, p := range ad.Params() {
+		in, ok := infos[p.Name]
+		switch {
+		case !ok:
+			hint := "it has no LoRA inputs: make one with 'onnxlora inject --adapter-inputs'"
+			if len(names) > 0 {
+				hint = "its LoRA inputs: " + strings.Join(names[:min(len(names), 4)], ", ")
+				if len(names) > 4 {
+					hint += fmt.Sprintf(" and %d more", len(names)-4)
+				}
+			}
+			return fmt.Errorf("adapter %s: parameter %q is not an input of %s (%s)", ad.Name(), p.Name, s.Path(), hint)
+		case in.DType != p.DType:
+			return fmt.Errorf("adapter %s: parameter %q is %v, but input %q of %s is %v", ad.Name(), p.Name, p.DType, p.Name, s.Path(), in.DType)
+		case !shapesAgree(p.Shape, in.Shape):
+			return fmt.Errorf("adapter %s: parameter %q has shape %s, but input %q of %s is %s", ad.Name(), p.Name, formatShape(p.Shape), p.Name, s.Path(), formatInfoShape(in))
+		}
+	}
+	return nil
 }
 
 // compareOutput folds one sample's comparison of an output into o.

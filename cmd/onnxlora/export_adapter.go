@@ -20,14 +20,17 @@ type ExportAdapterOptions struct {
 	TaskType  string
 	Only      []string
 	JSON      bool
+	// Format is --format: peft or onnx-adapter; by default chosen by the
+	// output's extension.
+	Format string
 }
 
 // NewCmdExportAdapter builds `onnxlora export-adapter`.
 func NewCmdExportAdapter(f *Factory, runF func(*ExportAdapterOptions) error) *cobra.Command {
 	opts := &ExportAdapterOptions{IO: f.IO}
 	cmd := &cobra.Command{
-		Use:   "export-adapter MODEL -o DIR",
-		Short: "Write an injected model's adapters as a PEFT adapter directory",
+		Use:   "export-adapter MODEL -o DIR|FILE.onnx_adapter",
+		Short: "Write an injected model's adapters as a PEFT directory or an .onnx_adapter file",
 		Long: `Write the LoRA adapters of an injected (and trained) model as a PEFT adapter
 directory: adapter_config.json and adapter_model.safetensors, with keys
 base_model.model.<module>.lora_A.weight ([r, in]) and .lora_B.weight ([out, r]),
@@ -37,8 +40,16 @@ alpha_pattern entries.
 
 Exporting and then 'onnxlora merge BASE --adapter DIR' gives the same model as
 'onnxlora merge MODEL'. The module paths are the ONNX export's; if they lack a
-prefix the PyTorch model has, PEFT's loader may need the keys renamed.`,
+prefix the PyTorch model has, PEFT's loader may need the keys renamed.
+
+With -o X.onnx_adapter (or --format onnx-adapter) the adapters are written as
+an ONNX Runtime adapter file instead: <module>.lora_A.weight = A [in, r] and
+<module>.lora_B.weight = scaling·B [r, out], in the factors' type, which ONNX
+Runtime feeds to a model made by 'inject --adapter-inputs' (docs/serving.md).
+MODEL may be in either mode; an adapter-input model must have trained
+(non-empty) defaults.`,
 		Example: `  onnxlora export-adapter lora-trained.onnx -o my-adapter
+  onnxlora export-adapter lora-trained.onnx -o customer-a.onnx_adapter
   onnxlora export-adapter lora-trained.onnx -o my-adapter --base-model meta-llama/Llama-3.2-1B --task-type CAUSAL_LM`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
@@ -46,6 +57,19 @@ prefix the PyTorch model has, PEFT's loader may need the keys renamed.`,
 			opts.Model = args[0]
 			if opts.Output == "" {
 				return usageErrorf("missing -o/--output: the directory to write the adapter to")
+			}
+			format, err := adapterFormat(opts.Format, opts.Output)
+			if err != nil {
+				return err
+			}
+			if opts.Format = format; format == formatOnnxAdapter {
+				if err := checkOutput(opts.Output, opts.Model); err != nil {
+					return err
+				}
+				if runF != nil {
+					return runF(opts)
+				}
+				return runExportOnnxAdapter(opts)
 			}
 			if st, err := os.Stat(opts.Output); err == nil && !st.IsDir() {
 				return usageErrorf("output %s exists and is not a directory", opts.Output)
@@ -62,6 +86,7 @@ prefix the PyTorch model has, PEFT's loader may need the keys renamed.`,
 	fl.StringVar(&opts.TaskType, "task-type", "", "task_type to record, e.g. CAUSAL_LM")
 	fl.StringSliceVar(&opts.Only, "only", nil, "export only these modules (module paths)")
 	fl.BoolVar(&opts.JSON, "json", false, "print the exported modules as JSON on stdout")
+	fl.StringVar(&opts.Format, "format", "", "peft (a directory) or onnx-adapter (an ONNX Runtime .onnx_adapter file); default by the output's extension")
 	_ = cmd.MarkFlagDirname("output")
 	return cmd
 }

@@ -21,6 +21,7 @@ type InspectOptions struct {
 	Layer   string
 	NoNorms bool
 	Select  selectFlags
+	Adapter adapterDirFlags
 
 	// selection is the validated selection, nil when no target was given.
 	selection *rewrite.SelectOptions
@@ -82,6 +83,7 @@ out, ‖A·B‖), in text or with --json.`,
 	fl.StringVar(&opts.Layer, "layer", "", "with --dot: draw only layers whose module path matches this regex")
 	fl.BoolVar(&opts.NoNorms, "no-norms", false, "do not read adapter weights to compute their norms")
 	fl.StringVarP(&opts.Output, "output", "o", "", "write the report to this file instead of stdout")
+	opts.Adapter.register(fl)
 	return cmd
 }
 
@@ -129,6 +131,9 @@ func runInspect(opts *InspectOptions) error {
 		return err
 	}
 	defer m.Close()
+	if opts.Adapter.Dir != "" {
+		return runInspectAdapterDir(opts, m)
+	}
 	r, err := inspect.Build(m, inspect.Options{Select: opts.selection, SkipNorms: opts.NoNorms})
 	if err != nil {
 		return err
