@@ -67,6 +67,12 @@ alpha_pattern and fan_in_fan_out are honoured; features a plain merge would
 get wrong (DoRA, LoRA biases) are refused. 'onnxlora inspect MODEL --adapter
 DIR' shows the mapping without writing anything.
 
+With --adapter X.onnx_adapter, an ONNX Runtime adapter (scaling in B) is
+merged, W += A·B: into a model made by 'inject --adapter-inputs', whose
+adapter inputs must match the file's names, types and shapes (the result is
+the plain model ONNX Runtime computes with the adapter active), or into a
+plain base, matching modules by dotted suffix.
+
 Weights are streamed tensor by tensor on all cores, so memory stays a small
 fraction of the model's size.`,
 		Example: `  onnxlora merge lora-trained.onnx -o merged.onnx

@@ -30,6 +30,9 @@ type VerifyOptions struct {
 	ATol    float64
 	Dims    []string
 	JSON    bool
+	// Adapter is --adapter: an .onnx_adapter file active on the first
+	// model's runs; the second is then the reference.
+	Adapter string
 
 	// rtolSet and atolSet tell a given --rtol/--atol from the per-dtype
 	// default; dims is --dim parsed.
@@ -41,7 +44,7 @@ type VerifyOptions struct {
 func NewCmdVerify(f *Factory, runF func(*VerifyOptions) error) *cobra.Command {
 	opts := &VerifyOptions{IO: f.IO}
 	cmd := &cobra.Command{
-		Use:   "verify A B [--inputs FILE] [--samples N] [--rtol R --atol A] [--seed S] [--dim NAME=VALUE ...] [--json]",
+		Use:   "verify A B | MODEL --adapter X.onnx_adapter REFERENCE [--inputs FILE] [--samples N] [--rtol R --atol A] [--seed S] [--dim NAME=VALUE ...] [--json]",
 		Short: "Check in ONNX Runtime that two models compute the same outputs",
 		Long: `Run models A and B in ONNX Runtime on the same inputs and compare every
 output with numpy.allclose's rule |B - A| <= atol + rtol*|A| (A is the
@@ -83,17 +86,28 @@ output.
 a safetensors file of tensors named like the inputs. Inputs the file leaves
 out are random, with the dims the file's tensors set.
 
+With --adapter X.onnx_adapter, the first model is an adapter-input model
+(inject --adapter-inputs) run with the adapter active on every run, through
+ONNX Runtime's LoRA adapter API, and the second is the reference it must
+match, e.g. 'onnxlora merge MODEL --adapter X.onnx_adapter' or the base merged
+with the adapter. Parameters the model has no input for, or of another type or
+shape, are an error.
+
 Needs the ONNX Runtime library: run scripts/install-ort.sh, or set
 ONNXLORA_ORT_LIB to libonnxruntime.so.`,
 		Example: `  onnxlora verify model.onnx lora.onnx
   onnxlora verify lora.onnx merged.onnx --samples 10 --seed 1
   onnxlora verify model.onnx merged.onnx --dim batch=1 --dim sequence=32
   onnxlora verify model.onnx merged.onnx --inputs prompt.json --atol 1e-3
-  onnxlora verify lora.onnx merged.onnx --json | jq '.outputs[] | {name, max_abs, pass}'`,
+  onnxlora verify lora.onnx merged.onnx --json | jq '.outputs[] | {name, max_abs, pass}'
+  onnxlora verify serve.onnx --adapter customer-a.onnx_adapter customer-a-merged.onnx`,
 		Args:              exactArgs(2, "two models, A and B"),
 		ValidArgsFunction: onnxFileCompletion,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.A, opts.B = args[0], args[1]
+			if opts.Adapter != "" {
+				opts.A, opts.B = args[1], args[0] // REFERENCE is the reference
+			}
 			opts.rtolSet = cmd.Flags().Changed("rtol")
 			opts.atolSet = cmd.Flags().Changed("atol")
 			if err := opts.validate(); err != nil {
@@ -113,6 +127,7 @@ ONNXLORA_ORT_LIB to libonnxruntime.so.`,
 	fl.Float64Var(&opts.ATol, "atol", 0, "absolute tolerance for every output (default: by output type, 1e-4 for float32)")
 	fl.StringArrayVar(&opts.Dims, "dim", nil, "value of a symbolic input dim, NAME=VALUE (e.g. batch=1, sequence_length=16); repeatable")
 	fl.BoolVar(&opts.JSON, "json", false, "print the report as JSON")
+	fl.StringVar(&opts.Adapter, "adapter", "", "an .onnx_adapter file to make active on every run of the first model; the second is then the reference")
 	return cmd
 }
 
@@ -152,7 +167,7 @@ func (o *VerifyOptions) validate() error {
 
 // compareOptions turns the flags into verify.Options.
 func (o *VerifyOptions) compareOptions() verify.Options {
-	vo := verify.Options{Samples: o.Samples, Seed: o.Seed, Dims: o.dims, InputsFile: o.Inputs}
+	vo := verify.Options{Samples: o.Samples, Seed: o.Seed, Dims: o.dims, InputsFile: o.Inputs, Adapter: o.Adapter}
 	if o.rtolSet {
 		vo.RTol = &o.RTol
 	}
@@ -196,7 +211,11 @@ func writeInputNotes(ios *IOStreams, rep *verify.Report) {
 	if ios.Quiet {
 		return
 	}
-	ios.Notef("A = %s, B = %s; %d sample(s), seed %d", rep.A, rep.B, rep.Samples, rep.Seed)
+	b := rep.B
+	if rep.Adapter != "" {
+		b += " with adapter " + rep.Adapter
+	}
+	ios.Notef("A = %s, B = %s; %d sample(s), seed %d", rep.A, b, rep.Samples, rep.Seed)
 	tw := tabwriter.NewWriter(ios.ErrOut, 0, 0, 2, ' ', 0)
 	for _, in := range rep.Inputs {
 		fmt.Fprintf(tw, "  %s\t%s%s\t%s\n", in.Name, in.DType, verifyShape(in.Shape), in.Describe())
