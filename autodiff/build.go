@@ -21,6 +21,13 @@ type Options struct {
 	Output string
 	// Params are the trainable initializers of the main graph.
 	Params []string
+	// Dropout switches every Dropout node to training mode through a new
+	// boolean scalar input, TrainingModeName, whose default (false) keeps
+	// the inference behaviour: a runner feeds true on training steps, and
+	// the gradient uses the mask the forward drew. Without it, Dropout
+	// nodes stay as the model has them (an identity unless a training_mode
+	// input is already wired).
+	Dropout bool
 	// KeepOutputs keeps the model's own outputs after loss and gradients
 	// (for metrics such as accuracy); by default the step graph has only
 	// loss and gradients, so nothing else is computed.
@@ -55,6 +62,9 @@ type Step struct {
 	Params []Param `json:"params"`
 	// Opset is the default-domain opset of the step graph.
 	Opset int64 `json:"opset"`
+	// TrainingMode is the training-mode input that Options.Dropout added
+	// ("" when it added none: no Dropout in the model).
+	TrainingMode string `json:"training_mode,omitempty"`
 	// RaisedFrom is the model's opset when Build raised it to 13 (0 if
 	// it did not).
 	RaisedFrom int64 `json:"raised_from,omitempty"`
@@ -75,7 +85,9 @@ func (s *Step) OutputNames() []string {
 const (
 	LossName   = "loss"
 	LabelsName = "labels"
-	GradSuffix = "_grad"
+	// TrainingModeName is the input Options.Dropout adds.
+	TrainingModeName = "training_mode"
+	GradSuffix       = "_grad"
 )
 
 // ErrNoRule is wrapped by the error Build returns when a node on the path
@@ -151,6 +163,15 @@ func build(m *graph.Model, opts Options) (*Step, error) {
 		}
 	}
 
+	if opts.Dropout {
+		wired, err := wireDropout(g, ti, opset)
+		if err != nil {
+			return nil, err
+		}
+		if wired {
+			step.TrainingMode = TrainingModeName
+		}
+	}
 	e := newEmitter(g, ti, opset)
 	e.scope = "/loss"
 	loss, labelsType, err := lossFn(e, out)
@@ -201,6 +222,40 @@ func build(m *graph.Model, opts Options) (*Step, error) {
 		return nil, fmt.Errorf("autodiff: step graph: %w", err)
 	}
 	return step, nil
+}
+
+// wireDropout makes the training_mode input of every Dropout node without
+// one the new input TrainingModeName (default false).
+func wireDropout(g *graph.Graph, ti *typeInfo, opset int64) (bool, error) {
+	wired := false
+	for _, n := range g.Proto.Node {
+		if n.GetOpType() != "Dropout" || !graph.IsStandardOp(n) || input(n, 2) != "" {
+			continue
+		}
+		if opset < 12 {
+			return false, fmt.Errorf("autodiff: node %q: Dropout in training mode needs opset 12 or later (the model has %d)", n.GetName(), opset)
+		}
+		if !wired {
+			if g.IsUsed(TrainingModeName) {
+				return false, fmt.Errorf("autodiff: the model already has a value named %q", TrainingModeName)
+			}
+			off := tensorOf(graph.Bool, nil, []float64{0})
+			off.Name = proto.String(TrainingModeName)
+			g.AddInitializer(off)
+			g.Proto.Input = append(g.Proto.Input, valueInfo(TrainingModeName, graph.Bool, []int64{}))
+			ti.elem[TrainingModeName] = graph.Bool
+			ti.shape[TrainingModeName] = []dim{}
+			wired = true
+		}
+		for len(n.Input) < 2 {
+			n.Input = append(n.Input, "") // the default ratio
+		}
+		n.Input = append(n.Input[:2], TrainingModeName)
+	}
+	if wired {
+		g.Reindex()
+	}
+	return wired, nil
 }
 
 func checkParams(g *graph.Graph, ti *typeInfo, names []string) ([]Param, error) {
@@ -282,7 +337,7 @@ func addParamInputs(m *graph.Model, g *graph.Graph, params []Param) {
 		// graph keeps only the trainable ones as inputs.
 		var keep []*onnxpb.ValueInfoProto
 		for _, in := range g.Proto.Input {
-			if t, _ := g.Initializer(in.GetName()); t == nil {
+			if t, _ := g.Initializer(in.GetName()); t == nil || in.GetName() == TrainingModeName {
 				keep = append(keep, in)
 			}
 		}

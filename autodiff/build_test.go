@@ -255,3 +255,60 @@ func TestFloat16Model(t *testing.T) {
 	}
 	t.Logf("fp16 loss and gradients within %.2g of the fp32 model's", worst)
 }
+
+// Options.Dropout wires a training_mode input: false is the identity, true
+// drops elements (their gradient is 0) and scales the kept ones and their
+// gradients by 1/(1-ratio).
+func TestDropoutWiring(t *testing.T) {
+	orttest.Require(t)
+	c := fdCase{name: "dropout-wired", op: "Dropout", dt: graph.Float,
+		args: []arg{{dims: []int64{4, 5}, kink: true}, {vals: []float64{0.3}, dims: []int64{}, fixed: true}}}
+	mp, params := c.build(t)
+	mp.Graph.Output = []*onnxpb.ValueInfoProto{tensorValueInfo("y", graph.Float, []dim{{value: 20}})}
+	m := graph.NewModel(mp, "")
+	step, err := Build(m, Options{Loss: "mse", Params: params, Dropout: true, KeepOutputs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if step.TrainingMode != TrainingModeName {
+		t.Fatalf("TrainingMode %q, want %q", step.TrainingMode, TrainingModeName)
+	}
+	s := orttest.Open(t, saveProto(t, m.Proto, "step.onnx"))
+	labels := make([]float64, 20)
+	lt, _ := ortrun.FromFloat64(LabelsName, ortrun.Float32, []int64{20}, labels)
+	x := tensorValues(t, mp.Graph.Initializer[0])
+	for _, on := range []bool{false, true} {
+		feeds := []ortrun.Tensor{lt}
+		if on { // not fed: the default, false
+			tm, _ := ortrun.NewTensor(TrainingModeName, []int64{}, []bool{true})
+			feeds = append(feeds, tm)
+		}
+		out, err := s.RunOutputs(feeds, []string{step.Params[0].Grad, "y"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		grad, _ := out[0].Float64s()
+		y, _ := out[1].Float64s()
+		dropped := 0
+		for i := range grad {
+			want := 2 * y[i] / 20 // labels are 0
+			switch {
+			case !on:
+				if y[i] != float64(float32(x[i])) {
+					t.Fatalf("training_mode false: y[%d] = %g, want x = %g", i, y[i], x[i])
+				}
+			case y[i] == 0:
+				dropped++
+				want = 0
+			default:
+				want /= 0.7
+			}
+			if math.Abs(grad[i]-want) > 1e-6 {
+				t.Fatalf("training_mode %v, element %d: grad %g, want %g", on, i, grad[i], want)
+			}
+		}
+		if on && (dropped == 0 || dropped == 20) {
+			t.Fatalf("dropped %d of 20: dropout was not active", dropped)
+		}
+	}
+}

@@ -27,6 +27,10 @@ type ModelOptions struct {
 	// Device is "cpu" (default) or "cuda" for ONNX Runtime's CUDA provider
 	// on the first GPU.
 	Device string
+	// Dropout applies the model's Dropout nodes (the adapters' dropout)
+	// on training steps, as PEFT does; evaluation never drops. Off, a run
+	// is deterministic.
+	Dropout bool
 }
 
 // Model is an injected ONNX model opened for training: the input model
@@ -105,7 +109,7 @@ func OpenModel(path string, opts ModelOptions) (*Model, error) {
 		return nil, err
 	}
 	defer sm.Close()
-	step, err := autodiff.Build(sm, autodiff.Options{Loss: opts.Loss, Output: opts.Output, Params: trainable})
+	step, err := autodiff.Build(sm, autodiff.Options{Loss: opts.Loss, Output: opts.Output, Params: trainable, Dropout: opts.Dropout})
 	if err != nil {
 		return nil, fmt.Errorf("%s: building the step graph: %w", path, err)
 	}
@@ -269,11 +273,19 @@ func (m *Model) feeds(b *Batch, params []*Param) ([]ortrun.Tensor, error) {
 	return in, nil
 }
 
-// Step implements Stepper: one run of the step graph.
+// Step implements Stepper: one run of the step graph, with dropout on
+// when the model was opened with it.
 func (m *Model) Step(b *Batch, params []*Param) (float64, [][]float64, error) {
 	in, err := m.feeds(b, params)
 	if err != nil {
 		return 0, nil, err
+	}
+	if m.step.TrainingMode != "" {
+		on, err := ortrun.NewTensor(m.step.TrainingMode, []int64{}, []bool{true})
+		if err != nil {
+			return 0, nil, err
+		}
+		in = append(in, on)
 	}
 	outs, err := m.sess.RunOutputs(in, append([]string{m.step.Loss}, m.outs...))
 	if err != nil {

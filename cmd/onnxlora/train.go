@@ -34,6 +34,7 @@ type TrainOptions struct {
 	JSON        bool
 	Plot        string
 	Device      string
+	Dropout     bool
 	External    externalFlag
 
 	// ctx, when set (by tests), replaces the Ctrl-C handling context.
@@ -115,6 +116,7 @@ from it.`,
 	fl.BoolVar(&opts.JSON, "json", false, "print one JSON object per step (and per eval) on stdout")
 	fl.StringVar(&opts.Plot, "plot", "", "draw the loss curve to this .svg or .png file")
 	fl.StringVar(&opts.Device, "device", "cpu", "cpu, or cuda for ONNX Runtime's CUDA provider")
+	fl.BoolVar(&opts.Dropout, "adapter-dropout", true, "apply the adapters' dropout (inject --dropout) on training steps, as PEFT does; false trains without it, deterministically")
 	registerExternalFlag(cmd, &opts.External)
 	for flag, values := range map[string][]string{
 		"optimizer": {"adamw", "sgd"}, "lr-scheduler": {"constant", "linear", "cosine"},
@@ -196,7 +198,7 @@ func runTrain(opts *TrainOptions) error {
 		}
 	}
 	stop := ios.StartProgress("building the step graph of " + opts.Model)
-	model, err := train.OpenModel(opts.Model, train.ModelOptions{Loss: opts.Loss, Output: opts.ModelOutput, Device: opts.Device})
+	model, err := train.OpenModel(opts.Model, train.ModelOptions{Loss: opts.Loss, Output: opts.ModelOutput, Device: opts.Device, Dropout: opts.Dropout})
 	stop()
 	if err != nil {
 		return err

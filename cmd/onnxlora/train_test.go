@@ -541,3 +541,34 @@ func TestTrainFirstStepMatchesGradCases(t *testing.T) {
 		})
 	}
 }
+
+// A model injected with --dropout trains with the adapters' dropout on by
+// default (two runs draw different masks, so they differ) and without it
+// under --adapter-dropout=false (two runs are identical); eval never drops.
+func TestTrainAdapterDropout(t *testing.T) {
+	orttest.Require(t)
+	dir := t.TempDir()
+	lora := filepath.Join(dir, "lora.onnx")
+	mustRun(t, "inject", model("tiny-llama.onnx"), "-o", lora, "--target", "q_proj,v_proj", "--rank", "4", "--dropout", "0.3", "--init", "gaussian")
+	data := "../../testdata/data/lm-train.jsonl"
+	final := func(name string, extra ...string) (float64, float64) {
+		out := filepath.Join(dir, name)
+		args := append([]string{"train", lora, "--data", data, "--eval-data", data, "--steps", "4", "--batch-size", "4",
+			"--lr", "1e-2", "--shuffle=false", "-o", out, "--json"}, extra...)
+		steps, evals := readRecords(t, mustRun(t, args...).stdout)
+		return steps[len(steps)-1].Loss, evals[0].EvalLoss
+	}
+	a, evalA := final("a.onnx")
+	b, evalB := final("b.onnx")
+	if a == b {
+		t.Errorf("two runs with dropout gave the same last loss %v: dropout was not applied", a)
+	}
+	if evalA != evalB {
+		t.Errorf("the eval before training differs between runs (%v, %v): eval must not drop", evalA, evalB)
+	}
+	c, _ := final("c.onnx", "--adapter-dropout=false")
+	d, _ := final("d.onnx", "--adapter-dropout=false")
+	if c != d {
+		t.Errorf("without dropout two runs differ: %v and %v", c, d)
+	}
+}
