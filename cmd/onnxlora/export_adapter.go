@@ -74,9 +74,6 @@ MODEL may be in either mode; an adapter-input model must have trained
 			if st, err := os.Stat(opts.Output); err == nil && !st.IsDir() {
 				return usageErrorf("output %s exists and is not a directory", opts.Output)
 			}
-			if err := checkPaths(nil, []string{"the model", opts.Model}, peftFiles("-o", opts.Output)); err != nil {
-				return err
-			}
 			if runF != nil {
 				return runF(opts)
 			}
@@ -101,8 +98,7 @@ func runExportAdapter(opts *ExportAdapterOptions) error {
 		return err
 	}
 	defer m.Close()
-	// The folder is made by the writer, only once everything is ready.
-	if err := checkPaths(m, nil, peftFiles("-o", opts.Output)); err != nil {
+	if err := os.MkdirAll(opts.Output, 0o755); err != nil {
 		return err
 	}
 	rep, err := rewrite.ExportPEFT(m, opts.Output, rewrite.ExportOptions{BaseModel: opts.BaseModel, TaskType: opts.TaskType, Only: opts.Only})
