@@ -63,6 +63,9 @@ func (m *Model) validateTensor(t *onnxpb.TensorProto) error {
 		_, err := m.externalRef(t)
 		return err
 	}
+	if _, _, lazy := inlineRef(t); lazy {
+		return validateInline(t) // raw_data Load left in the file
+	}
 	typed := typedCount(t)
 	if t.RawData != nil {
 		if typed > 0 {

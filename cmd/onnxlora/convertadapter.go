@@ -82,7 +82,7 @@ that differ between modules become rank_pattern and alpha_pattern entries.
 					return usageErrorf("--dtype %q: want float32, float16 or bfloat16", opts.DType)
 				}
 			}
-			if err := checkOutput(opts.Output, opts.Input, opts.Model); err != nil {
+			if err := checkPaths(nil, convertInputs(opts), convertOutputs(opts)); err != nil {
 				return err
 			}
 			if runF != nil {

@@ -254,7 +254,7 @@ func TestConvertAdapterErrors(t *testing.T) {
 		{"missing input", []string{filepath.Join(tmp, "nope"), "-o", filepath.Join(tmp, "out5")}, 1, "no such file"},
 		{"peft output into a file", []string{filepath.Join(adaptersTestdata, "adapter1.onnx_adapter"), "-o", aFile}, 1, "is not a directory"},
 		{"adapter output onto a dir", []string{filepath.Join(adaptersTestdata, "peft-plain"), "-o", noConfig}, 1, "is a directory"},
-		{"output missing folder", []string{filepath.Join(adaptersTestdata, "peft-plain"), "-o", filepath.Join(tmp, "no", "dir", "x.onnx_adapter")}, 1, "no such file"},
+		{"output missing folder", []string{filepath.Join(adaptersTestdata, "peft-plain"), "-o", filepath.Join(tmp, "no", "dir", "x.onnx_adapter")}, 1, "does not exist"},
 		{"bad dtype", []string{filepath.Join(adaptersTestdata, "peft-plain"), "-o", filepath.Join(tmp, "out6.onnx_adapter"), "--dtype", "int8"}, 2, "--dtype"},
 		{"no output", []string{filepath.Join(adaptersTestdata, "peft-plain")}, 2, "missing -o"},
 		{"output is input", []string{aFile, "-o", aFile}, 2, "is the input"},

@@ -20,6 +20,9 @@ type ExportAdapterOptions struct {
 	TaskType  string
 	Only      []string
 	JSON      bool
+	// Initial is --initial: the step-0 model (or PEFT directory) of
+	// PiSSA/OLoRA adapters, to export them as a plain LoRA.
+	Initial string
 	// Format is --format: peft or onnx-adapter; by default chosen by the
 	// output's extension.
 	Format string
@@ -74,6 +77,9 @@ MODEL may be in either mode; an adapter-input model must have trained
 			if st, err := os.Stat(opts.Output); err == nil && !st.IsDir() {
 				return usageErrorf("output %s exists and is not a directory", opts.Output)
 			}
+			if err := checkPaths(nil, []string{"the model", opts.Model}, peftFiles("-o", opts.Output)); err != nil {
+				return err
+			}
 			if runF != nil {
 				return runF(opts)
 			}
@@ -86,6 +92,7 @@ MODEL may be in either mode; an adapter-input model must have trained
 	fl.StringVar(&opts.TaskType, "task-type", "", "task_type to record, e.g. CAUSAL_LM")
 	fl.StringSliceVar(&opts.Only, "only", nil, "export only these modules (module paths)")
 	fl.BoolVar(&opts.JSON, "json", false, "print the exported modules as JSON on stdout")
+	fl.StringVar(&opts.Initial, "initial", "", "PiSSA/OLoRA adapters: the model as injected at step 0 (or its PEFT directory), to write a plain LoRA for the original weights (r and alpha doubled)")
 	fl.StringVar(&opts.Format, "format", "", "peft (a directory) or onnx-adapter (an ONNX Runtime .onnx_adapter file); default by the output's extension")
 	_ = cmd.MarkFlagDirname("output")
 	return cmd
@@ -98,7 +105,11 @@ func runExportAdapter(opts *ExportAdapterOptions) error {
 		return err
 	}
 	defer m.Close()
-	if err := os.MkdirAll(opts.Output, 0o755); err != nil {
+	// The folder is made by the writer, only once everything is ready.
+	if err := checkPaths(m, nil, peftFiles("-o", opts.Output)); err != nil {
+		return err
+	}
+	if done, err := exportConverted(opts, m); done || err != nil {
 		return err
 	}
 	rep, err := rewrite.ExportPEFT(m, opts.Output, rewrite.ExportOptions{BaseModel: opts.BaseModel, TaskType: opts.TaskType, Only: opts.Only})

@@ -72,7 +72,7 @@ or every weight of a small model for a full fine-tune.`,
 					return usageErrorf("invalid argument %q for --params: %v", p, err)
 				}
 			}
-			if err := checkOutput(opts.Output, opts.Model); err != nil {
+			if err := checkPaths(nil, []string{"the model", opts.Model}, modelOutputs("-o", opts.Output)); err != nil {
 				return err
 			}
 			if runF != nil {
@@ -117,6 +117,9 @@ func runGrad(opts *GradOptions) error {
 		return err
 	}
 	defer m.Close()
+	if err := checkPaths(m, nil, modelOutputs("-o", opts.Output)); err != nil {
+		return err
+	}
 	params, err := trainableTensors(m, opts.Params)
 	if err != nil {
 		return err

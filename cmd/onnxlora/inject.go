@@ -130,14 +130,9 @@ func (o *InjectOptions) validate() error {
 	if o.Output == "" && !o.DryRun {
 		return usageErrorf("missing -o/--output: where to write the injected model (or use --dry-run)")
 	}
-	if o.Output != "" && !o.DryRun {
-		if err := checkOutput(o.Output, o.Model); err != nil {
+	if !o.DryRun {
+		if err := checkPaths(nil, []string{"the model", o.Model}, o.outputs()); err != nil {
 			return err
-		}
-	}
-	if o.Manifest != "" && !o.DryRun {
-		if err := checkOutput(o.Manifest, o.Model, o.Output); err != nil {
-			return usageErrorf("--manifest: %v", err)
 		}
 	}
 	init := rewrite.Init(strings.ToLower(o.Init))
@@ -152,6 +147,11 @@ func (o *InjectOptions) validate() error {
 	}
 	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs}
 	return nil
+}
+
+// outputs lists what inject writes, for checkPaths.
+func (o *InjectOptions) outputs() []string {
+	return append(modelOutputs("-o", o.Output), "--manifest", o.Manifest)
 }
 
 // injectResult is what --json prints.
@@ -213,20 +213,31 @@ func runInject(opts *InjectOptions) error {
 		return nil
 	}
 
-	save := graph.SaveOptions{External: opts.External.mode}
-	if err := saveModel(ios, m, opts.Output, save); err != nil {
+	// Every output is checked and written before any replaces an old one.
+	if err := checkPaths(m, nil, opts.outputs()); err != nil {
 		return err
 	}
+	var manifest *graph.StagedFile
 	if opts.Manifest != "" {
 		data, err := inj.Manifest.MarshalIndent()
 		if err != nil {
 			return err
 		}
-		err = graph.WriteFileAtomic(opts.Manifest, func(w io.Writer) error {
+		manifest, err = graph.StageFile(opts.Manifest, func(w io.Writer) error {
 			_, err := w.Write(append(data, '\n'))
 			return err
 		})
 		if err != nil {
+			return err
+		}
+		defer manifest.Abort()
+	}
+	save := graph.SaveOptions{External: opts.External.mode}
+	if err := saveModel(ios, m, opts.Output, save); err != nil {
+		return err
+	}
+	if manifest != nil {
+		if err := manifest.Commit(); err != nil {
 			return err
 		}
 	}

@@ -101,8 +101,8 @@ func (o *InspectOptions) validate(cmd *cobra.Command) error {
 		}
 		o.layerRE = re
 	}
-	if o.Output != "" {
-		if err := checkOutput(o.Output, o.Model); err != nil {
+	if o.Output != "-" {
+		if err := checkPaths(nil, []string{"the model", o.Model}, []string{"-o", o.Output}); err != nil {
 			return err
 		}
 	}
@@ -131,6 +131,11 @@ func runInspect(opts *InspectOptions) error {
 		return err
 	}
 	defer m.Close()
+	if opts.Output != "-" {
+		if err := checkPaths(m, nil, []string{"-o", opts.Output}); err != nil {
+			return err
+		}
+	}
 	if opts.Adapter.Dir != "" {
 		return runInspectAdapterDir(opts, m)
 	}

@@ -12,7 +12,9 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/paths"
 	"github.com/onnxlora/onnxlora/rewrite"
 )
 
@@ -167,30 +169,70 @@ func saveModel(ios *IOStreams, m *graph.Model, path string, opts graph.SaveOptio
 }
 
 // checkOutput refuses an output path that is one of the inputs (the same
-// path, or the same file through a link). graph.Save refuses to overwrite a
-// model's own files too; checking first gives the error before any work.
+// path, or the same file through a link). It is checkPaths for a command
+// with one output; the inputs are described by position.
 func checkOutput(output string, inputs ...string) error {
+	var ins []string
 	for _, in := range inputs {
-		if in == "" {
-			continue
+		ins = append(ins, "the input", in)
+	}
+	return checkPaths(nil, ins, []string{"output", output})
+}
+
+// checkPaths is the one check every command makes before it writes: no
+// output may be a file the command reads (the same path, or the same file
+// through symbolic links, "..", or a hard link) or another output, and no
+// output that names a file may be "-". inputs and outputs alternate a
+// description and a path, e.g. {"the model", MODEL} and {"-o", OUT}; empty
+// paths are skipped. With a model, its file and its external data files
+// are inputs too. Errors are usage errors, found before anything is
+// written (graph.Save checks the model's own files again as it writes).
+func checkPaths(m *graph.Model, inputs, outputs []string) error {
+	var g paths.Guard
+	if m != nil {
+		g.Input("a file of the model", m.InputFiles()...)
+	}
+	for i := 0; i+1 < len(inputs); i += 2 {
+		g.Input(inputs[i], inputs[i+1])
+	}
+	for i := 0; i+1 < len(outputs); i += 2 {
+		what, path := outputs[i], outputs[i+1]
+		if path == paths.Stdout {
+			return usageErrorf("%s -: this output is a file and cannot go to standard output; give a file name", what)
 		}
-		if samePath(output, in) {
-			return usageErrorf("output %s is the input %s; choose another output file", output, in)
+		if err := g.Output(what, path); err != nil {
+			return &UsageError{err}
 		}
 	}
 	return nil
 }
 
-// samePath reports whether a and b name the same file.
-func samePath(a, b string) bool {
-	aa, err1 := filepath.Abs(a)
-	bb, err2 := filepath.Abs(b)
-	if err1 == nil && err2 == nil && aa == bb {
-		return true
+// modelOutputs is the outputs a model saved to out writes, for checkPaths:
+// out and its data file (the data file's name as Save picks it).
+func modelOutputs(flag, out string) []string {
+	if out == "" || out == paths.Stdout {
+		return []string{flag, out}
 	}
-	sa, err1 := os.Stat(a)
-	sb, err2 := os.Stat(b)
-	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+	_, data, err := graph.SaveOptions{}.WithDefaults(out)
+	if err != nil {
+		return []string{flag, out}
+	}
+	return []string{flag, out, "the data file of " + flag, data}
+}
+
+// peftFiles lists the files of a PEFT adapter folder that onnxlora reads
+// and writes (or an adapter file itself), for checkPaths.
+func peftFiles(what, dir string) []string {
+	if dir == "" {
+		return nil
+	}
+	if st, err := os.Stat(dir); err == nil && !st.IsDir() {
+		return []string{what, dir} // an adapter file, such as X.onnx_adapter
+	}
+	return []string{
+		what + " config", filepath.Join(dir, export.PEFTConfigFile),
+		what + " weights", filepath.Join(dir, export.PEFTWeightsFile),
+	}
 }
 
 // writeJSON writes v as indented JSON and a newline.
@@ -210,4 +252,35 @@ func openOutput(ios *IOStreams, path string, write func(io.Writer) error) error 
 		return write(ios.Out)
 	}
 	return graph.WriteFileAtomic(path, write)
+}
+
+// convertInputs and convertOutputs are what convert-adapter reads and
+// writes: a PEFT folder's files or an adapter file, either way round.
+func convertInputs(o *ConvertAdapterOptions) []string {
+	ins := []string{"--model", o.Model}
+	if st, err := os.Stat(o.Input); err == nil && st.IsDir() {
+		return append(ins, peftFiles("the input adapter", o.Input)...)
+	}
+	return append(ins, "the input adapter", o.Input)
+}
+
+func convertOutputs(o *ConvertAdapterOptions) []string {
+	if st, err := os.Stat(o.Input); err == nil && !st.IsDir() {
+		return append([]string{"-o", o.Output}, peftFiles("-o", o.Output)...)
+	}
+	return []string{"-o", o.Output}
+}
+
+// registerAllowSymlinks adds the global --allow-symlinks flag: external
+// data may lead through symbolic links into these folders (a Hugging Face
+// cache's blobs), not only stay in the model's folder.
+func registerAllowSymlinks(root *cobra.Command) {
+	var dirs []string
+	root.PersistentFlags().StringArrayVar(&dirs, "allow-symlinks", nil, "let external data files be symlinks to files inside this folder (e.g. a Hugging Face cache: ~/.cache/huggingface/hub); repeatable")
+	root.PersistentPreRunE = func(*cobra.Command, []string) error {
+		if err := graph.AllowSymlinksUnder(dirs...); err != nil {
+			return usageErrorf("--allow-symlinks: %v", err)
+		}
+		return nil
+	}
 }

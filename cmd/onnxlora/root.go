@@ -120,6 +120,7 @@ and layers_to_transform carry over as flags.`,
 	}
 	root.SetVersionTemplate("onnxlora {{.Version}}\n")
 	root.PersistentFlags().BoolVarP(&f.IO.Quiet, "quiet", "q", false, "print only requested output and errors")
+	registerAllowSymlinks(root)
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return &UsageError{err}
 	})

@@ -136,7 +136,8 @@ func (o *TrainOptions) validate(cmd *cobra.Command) error {
 	if o.Data == "" {
 		return usageErrorf("missing --data: the training data (JSONL)")
 	}
-	if err := checkOutput(o.Output, o.Model, o.Data, o.EvalData); err != nil {
+	if err := checkPaths(nil, []string{"the model", o.Model, "--data", o.Data, "--eval-data", o.EvalData},
+		append(modelOutputs("-o", o.Output), "the checkpoint", o.checkpointPath(), "--plot", o.Plot)); err != nil {
 		return err
 	}
 	if cmd.Flags().Changed("steps") && cmd.Flags().Changed("epochs") {

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"crypto/sha256"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// copyTree copies the regular files of src into a new folder dst.
+func copyTree(t *testing.T, src, dst string) {
+	t.Helper()
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	es, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		copyFile(t, filepath.Join(src, e.Name()), filepath.Join(dst, e.Name()))
+	}
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// snapshot hashes every regular file under dir, by path.
+func snapshot(t *testing.T, dir string) map[string][32]byte {
+	t.Helper()
+	sums := map[string][32]byte{}
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sums[p] = sha256.Sum256(b)
+		}
+		return nil
+	})
+	return sums
+}
+
+// TestOutputThatIsAnInputRefused runs every command with an output that
+// is, or leads to, a file the command reads: each must refuse with a usage
+// error before writing, and every input must stay byte for byte the same.
+func TestOutputThatIsAnInputRefused(t *testing.T) {
+	root := t.TempDir()
+	m := filepath.Join(root, "m")
+	copyTree(t, model("tiny-gpt-extdata"), m)
+	model := filepath.Join(m, "model.onnx")
+	data := filepath.Join(m, "model.onnx.data")
+	trained := trainedModel(t, "tiny-gpt.onnx", "q_proj")
+	ad := filepath.Join(root, "adapter")
+	mustRun(t, "export-adapter", trained, "-o", ad, "-q")
+	adWeights := filepath.Join(ad, "adapter_model.safetensors")
+	os.Mkdir(filepath.Join(m, "sub"), 0o755)
+	link := filepath.Join(root, "link.onnx")
+	if err := os.Symlink(model, link); err != nil {
+		t.Fatal(err)
+	}
+	hard := filepath.Join(root, "hard.bin")
+	if err := os.Link(data, hard); err != nil {
+		t.Fatal(err)
+	}
+	jsonl := filepath.Join(root, "rows.jsonl")
+	os.WriteFile(jsonl, []byte(`{"input_ids": [1, 2, 3]}`+"\n"), 0o644)
+	out := filepath.Join(root, "out.onnx")
+	// A model saved under the name of an adapter file, for export-adapter.
+	exp := filepath.Join(root, "exp")
+	os.Mkdir(exp, 0o755)
+	copyFile(t, trained, filepath.Join(exp, "adapter_model.safetensors"))
+	before := snapshot(t, root)
+
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"inspect -o the data file", []string{"inspect", model, "-o", data}},
+		{"inject --manifest the data file", []string{"inject", model, "-o", out, "--target", "q_proj", "--manifest", data}},
+		{"merge -o the adapter's weights", []string{"merge", model, "--adapter", ad, "-o", adWeights}},
+		{"-o a symlink to the model", []string{"inject", model, "-o", link, "--target", "q_proj"}},
+		{"-o the model through ..", []string{"inject", model, "-o", filepath.Join(m, "sub", "..", "model.onnx"), "--target", "q_proj"}},
+		{"-o a hard link to the data", []string{"grad", model, "-o", hard}},
+		{"-o the data file", []string{"grad", model, "-o", data}},
+		{"--manifest the data file of -o", []string{"inject", model, "-o", out, "--target", "q_proj", "--manifest", out + ".data"}},
+		{"-o and --manifest the same", []string{"inject", model, "-o", out, "--target", "q_proj", "--manifest", out}},
+		{"train checkpoint over --data", []string{"train", trained, "--data", filepath.Join(root, "out.onnx.ckpt"), "-o", out}},
+		{"train --plot the model", []string{"train", trained, "--data", jsonl, "-o", out, "--plot", filepath.Join(m, "..", "link.onnx.svg")}},
+		{"convert-adapter -o its input", []string{"convert-adapter", ad, "-o", adWeights}},
+		{"export-adapter over the model", []string{"export-adapter", filepath.Join(exp, "adapter_model.safetensors"), "-o", exp}},
+	} {
+		if tc.name == "train --plot the model" {
+			// The plot path resolves to a file the command reads.
+			os.Symlink(jsonl, filepath.Join(root, "link.onnx.svg"))
+			tc.args = []string{"train", trained, "--data", filepath.Join(root, "link.onnx.svg"), "-o", out, "--plot", filepath.Join(m, "..", "link.onnx.svg")}
+		}
+		if tc.name == "train checkpoint over --data" {
+			os.WriteFile(filepath.Join(root, "out.onnx.ckpt"), []byte(`{"input_ids": [1]}`+"\n"), 0o644)
+			before = snapshot(t, root)
+		}
+		r := run(t, tc.args...)
+		if r.code != 2 || strings.Count(r.stderr, "\n") != 1 || !(strings.Contains(r.stderr, "refusing to overwrite") || strings.Contains(r.stderr, "same file")) {
+			t.Errorf("%s: exit %d, stderr %q; want exit 2 and one line refusing", tc.name, r.code, r.stderr)
+		}
+		for p, sum := range before {
+			b, err := os.ReadFile(p)
+			if err != nil || sha256.Sum256(b) != sum {
+				t.Errorf("%s: input %s changed (%v)", tc.name, p, err)
+			}
+		}
+		if _, err := os.Stat(out); err == nil {
+			t.Errorf("%s: wrote %s", tc.name, out)
+			os.Remove(out)
+		}
+	}
+}
+
+// TestDashOutput: "-" is standard output where a command writes text, and
+// refused where it writes a file.
+func TestDashOutput(t *testing.T) {
+	dir := t.TempDir()
+	wd, _ := os.Getwd()
+	if err := os.Chdir(dir); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Chdir(wd)
+	m := filepath.Join(wd, model("tiny-gpt.onnx"))
+	r := mustRun(t, "inspect", m, "-o", "-")
+	if !strings.Contains(r.stdout, "q_proj") {
+		t.Errorf("inspect -o - printed %q", r.stdout)
+	}
+	for _, args := range [][]string{
+		{"inject", m, "-o", "-", "--target", "q_proj"},
+		{"inject", m, "-o", "out.onnx", "--target", "q_proj", "--manifest", "-"},
+		{"merge", m, "-o", "-"},
+		{"grad", m, "-o", "-"},
+	} {
+		r := run(t, args...)
+		if r.code != 2 || !strings.Contains(r.stderr, "standard output") {
+			t.Errorf("%v: exit %d, stderr %q; want 2 and a word on standard output", args, r.code, r.stderr)
+		}
+	}
+	if names, _ := os.ReadDir(dir); len(names) != 0 {
+		t.Errorf("left %v", names)
+	}
+}
