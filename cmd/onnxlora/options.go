@@ -155,7 +155,7 @@ func registerExternalFlag(cmd *cobra.Command, e *externalFlag) {
 // loadModel loads an ONNX model, with a spinner on a terminal for slow loads.
 func loadModel(ios *IOStreams, path string) (*graph.Model, error) {
 	stop := ios.StartProgress("loading " + path)
-	m, err := graph.Load(path)
+	m, err := graph.LoadLazy(path) // inline weights stay in the file until read
 	stop()
 	return m, err
 }
