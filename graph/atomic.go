@@ -159,6 +159,24 @@ func writeTemp(dest string, write func(io.Writer) error) (string, error) {
 	return f.Name(), fill(f, write)
 }
 
+// writeTempFile is writeTemp for a writer that needs the file itself.
+func writeTempFile(dest string, write func(*os.File) error) (string, error) {
+	f, err := createTemp(dest)
+	if err != nil {
+		return "", unwrapPathError(err)
+	}
+	if err = write(f); err == nil {
+		err = finishFile(f)
+	} else {
+		f.Close()
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", err
+	}
+	return f.Name(), nil
+}
+
 // fill writes f through a buffer, syncs and closes it, and removes it on
 // error.
 func fill(f *os.File, write func(io.Writer) error) (err error) {
@@ -282,7 +300,16 @@ func (p *PairWriter) Abort() {
 // (nothing of it went external). On error nothing new is left at either
 // name and the earlier output is as it was.
 func (p *PairWriter) Commit(model []byte, withData bool) (err error) {
+	return p.CommitWith(func(f *os.File) error {
+		_, err := f.Write(model)
+		return err
+	}, withData)
+}
 
+// CommitWith is Commit with the model file written by write, which gets
+// the temporary model file (empty, at offset 0) and may write it at any
+// offsets, and at once from several goroutines; the file is synced after.
+func (p *PairWriter) CommitWith(write func(*os.File) error, withData bool) (err error) {
 	if p.done {
 		return errors.New("pair writer already finished")
 	}
@@ -294,10 +321,7 @@ func (p *PairWriter) Commit(model []byte, withData bool) (err error) {
 			return fmt.Errorf("%s: %w", dataPath, err)
 		}
 	}
-	modelTmp, err := writeTemp(p.path, func(w io.Writer) error {
-		_, err := w.Write(model)
-		return err
-	})
+	modelTmp, err := writeTempFile(p.path, write)
 	if err != nil {
 		return fmt.Errorf("%s: %w", p.path, err)
 	}

@@ -2,6 +2,7 @@ package graph
 
 import (
 	"io/fs"
+	"os"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -19,4 +20,12 @@ func linkCount(st fs.FileInfo) uint64 {
 		return uint64(s.Nlink)
 	}
 	return 1
+}
+
+// StartWriteback asks the kernel to start writing n bytes of f at off to
+// disk now, without waiting, so writeback overlaps the rest of the work and
+// the final fsync (which still gives the guarantee) has little left to do.
+// It is only a hint: errors are ignored.
+func StartWriteback(f *os.File, off, n int64) {
+	unix.SyncFileRange(int(f.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE)
 }

@@ -216,6 +216,7 @@ func setInline(t *onnxpb.TensorProto, raw []byte) {
 	t.FloatData, t.Int32Data, t.Int64Data, t.DoubleData, t.Uint64Data = nil, nil, nil, nil, nil
 	t.ExternalData = nil
 	t.DataLocation = nil
+	dropMarker(t) // the data Load left in the file is no longer t's
 }
 
 // SetExternal points t at length bytes at offset in an external data file

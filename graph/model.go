@@ -3,7 +3,6 @@ package graph
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -35,6 +34,19 @@ type Model struct {
 // Load reads the ONNX model at path. External data is validated (it must stay
 // inside the model's folder and hold the bytes its tensors claim) but not read.
 func Load(path string) (*Model, error) {
+	return load(path, false)
+}
+
+// LoadLazy is Load that also leaves the model file's large inline weights
+// (raw_data) in the file until they are asked for, so they take no memory;
+// Save copies them file to file. See inline.go for what differs: the
+// tensors hold a marker (an unknown field) instead of their raw_data, so
+// proto.Equal sees two loads of one file as different.
+func LoadLazy(path string) (*Model, error) {
+	return load(path, true)
+}
+
+func load(path string, lazy bool) (*Model, error) {
 	f, _, err := openRegular(path) // a FIFO must not block
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
@@ -50,11 +62,7 @@ func Load(path string) (*Model, error) {
 	if st.Size() > maxProtoSize {
 		return nil, fmt.Errorf("%s: %d bytes is more than a protobuf can hold (2 GiB); is this an external data file?", path, st.Size())
 	}
-	data := make([]byte, st.Size())
-	if _, err := io.ReadFull(f, data); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	m, err := parse(data, filepath.Dir(path))
+	m, err := loadFile(f, st, filepath.Dir(path), lazy) // inline.go
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

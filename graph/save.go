@@ -7,8 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 
-	"google.golang.org/protobuf/proto"
-
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 	"github.com/onnxlora/onnxlora/internal/paths"
 )
@@ -85,7 +83,11 @@ func (m *Model) Save(path string, opts SaveOptions) error {
 	}
 	external := opts.External == ExternalAlways
 	if opts.External == ExternalAuto {
-		external = m.hasExternal() || proto.Size(m.Proto) > maxProtoSize
+		size, err := m.ProtoSize()
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		external = m.hasExternal() || size > maxProtoSize
 	}
 	if !external {
 		return m.saveInline(path, opts)
@@ -159,12 +161,14 @@ func (m *Model) saveInline(path string, opts SaveOptions) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	if size := proto.Size(m.Proto); size > maxProtoSize {
-		return fmt.Errorf("%s: the model is %d bytes, more than a protobuf can hold; save with external data", path, size)
-	}
-	data, err := proto.Marshal(m.Proto)
+	// Laid out with the inline weights Load left in the input copied
+	// file to file (inline.go).
+	layout, err := m.LayoutProto(nil)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
+	}
+	if layout.Size > maxProtoSize {
+		return fmt.Errorf("%s: the model is %d bytes, more than a protobuf can hold; save with external data", path, layout.Size)
 	}
 	// Through the pair writer, without data, so that the data file of an
 	// earlier output at path goes too.
@@ -172,7 +176,7 @@ func (m *Model) saveInline(path string, opts SaveOptions) error {
 	if err != nil {
 		return err
 	}
-	return pw.Commit(data, false)
+	return pw.CommitWith(layout.WriteTo, false)
 }
 
 // readExternal reads all the bytes an external tensor's reference covers,
@@ -243,14 +247,14 @@ func (m *Model) saveExternal(path string, opts SaveOptions) (err error) {
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	if size := proto.Size(m.Proto); size > maxProtoSize {
-		return fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, size)
-	}
-	data, err := proto.Marshal(m.Proto)
+	layout, err := m.LayoutProto(nil)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	return pw.Commit(data, len(saved) > 0)
+	if layout.Size > maxProtoSize {
+		return fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, layout.Size)
+	}
+	return pw.CommitWith(layout.WriteTo, len(saved) > 0)
 }
 
 // NewPairWriter starts writing this model (or one derived from it) to path
@@ -263,6 +267,9 @@ func (m *Model) NewPairWriter(path, dataFile string) (*PairWriter, error) {
 // copyTensorTo writes t's bytes at offset in f. External data is copied
 // file to file (CopyRange), never through memory.
 func (m *Model) copyTensorTo(f *os.File, offset int64, t *onnxpb.TensorProto) error {
+	if ok, err := m.copyInline(f, offset, t); ok {
+		return err
+	}
 	if !IsExternal(t) {
 		raw, err := m.RawData(t)
 		if err != nil {
@@ -297,10 +304,11 @@ type tensorState struct {
 	uint64s      []uint64
 	externalData []*onnxpb.StringStringEntryProto
 	location     *onnxpb.TensorProto_DataLocation
+	unknown      []byte // with the marker of data Load left in the file
 }
 
 func snapshot(t *onnxpb.TensorProto) tensorState {
-	return tensorState{t, t.RawData, t.FloatData, t.Int32Data, t.Int64Data, t.DoubleData, t.Uint64Data, t.ExternalData, t.DataLocation}
+	return tensorState{t, t.RawData, t.FloatData, t.Int32Data, t.Int64Data, t.DoubleData, t.Uint64Data, t.ExternalData, t.DataLocation, t.ProtoReflect().GetUnknown()}
 }
 
 func restore(states []tensorState) {
@@ -308,5 +316,6 @@ func restore(states []tensorState) {
 		t := s.t
 		t.RawData, t.FloatData, t.Int32Data, t.Int64Data = s.raw, s.floats, s.int32s, s.int64s
 		t.DoubleData, t.Uint64Data, t.ExternalData, t.DataLocation = s.doubles, s.uint64s, s.externalData, s.location
+		t.ProtoReflect().SetUnknown(s.unknown)
 	}
 }

@@ -31,6 +31,9 @@ func (m *Model) RawData(t *onnxpb.TensorProto) ([]byte, error) {
 		}
 		return buf, nil
 	}
+	if raw, ok, err := m.readInline(t); ok {
+		return raw, err
+	}
 	if t.RawData != nil || size == 0 {
 		if int64(len(t.RawData)) != size {
 			return nil, fmt.Errorf("tensor %q: raw_data has %d bytes, but %v %v needs %d", t.GetName(), len(t.RawData), dt, t.Dims, size)

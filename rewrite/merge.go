@@ -122,7 +122,7 @@ func Merge(m *graph.Model, opts MergeOptions) (*MergeReport, error) {
 // save.External == graph.ExternalNever) are merged in memory and saved with
 // graph.Model.Save. dst must not be src or its data file.
 func MergeFile(src, dst string, opts MergeOptions, save graph.SaveOptions) (*MergeReport, error) {
-	m, err := graph.Load(src)
+	m, err := graph.LoadLazy(src)
 	if err != nil {
 		return nil, err
 	}

@@ -7,8 +7,6 @@ import (
 	"sort"
 	"sync"
 
-	"google.golang.org/protobuf/proto"
-
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 )
@@ -20,16 +18,142 @@ import (
 func (p *plan) save(path string, opts graph.SaveOptions) (*MergeReport, error) {
 	external := opts.External == graph.ExternalAlways || (opts.External == graph.ExternalAuto && hasExternal(p.m))
 	if !external {
-		rep, err := p.applyInMemory()
+		return p.streamInline(path, opts)
+	}
+	return p.stream(path, opts)
+}
+
+// inputRefs returns where every external tensor's bytes are, captured
+// before the graph changes.
+func (p *plan) inputRefs() (map[*onnxpb.TensorProto]*graph.ExternalRef, error) {
+	refs := map[*onnxpb.TensorProto]*graph.ExternalRef{}
+	var rerr error
+	p.m.Tensors(func(t *onnxpb.TensorProto) {
+		if rerr != nil || !graph.IsExternal(t) {
+			return
+		}
+		ref, err := p.m.ExternalRef(t)
+		if err != nil {
+			rerr = err
+			return
+		}
+		refs[t] = &ref
+	})
+	return refs, rerr
+}
+
+// fileRef returns where t's bytes are in an input file: its external data,
+// or the model file itself for inline raw_data that Load left there.
+func (p *plan) fileRef(refs map[*onnxpb.TensorProto]*graph.ExternalRef, t *onnxpb.TensorProto) (*graph.ExternalRef, error) {
+	if ref := refs[t]; ref != nil {
+		return ref, nil
+	}
+	ref, ok, err := p.m.InlineRef(t)
+	if !ok || err != nil {
+		return nil, err
+	}
+	return &ref, nil
+}
+
+// sources finds where each update reads its base values.
+func (p *plan) sources(refs map[*onnxpb.TensorProto]*graph.ExternalRef) (map[*update]streamSource, error) {
+	sources := map[*update]streamSource{}
+	for _, u := range p.updates {
+		ref, err := p.fileRef(refs, u.src)
 		if err != nil {
 			return nil, err
 		}
-		if err := p.m.Save(path, opts); err != nil {
+		if ref != nil {
+			sources[u] = streamSource{ext: ref}
+			continue
+		}
+		raw, err := p.m.RawData(u.src)
+		if err != nil {
 			return nil, err
 		}
-		return rep, nil
+		sources[u] = streamSource{raw: raw}
 	}
-	return p.stream(path, opts)
+	return sources, nil
+}
+
+// streamInline writes a model without external data: the serialized graph
+// and the unchanged weights first (copied from the input file), then the
+// merged weights computed chunk by chunk into their places in the output,
+// so no weight is held whole in memory.
+func (p *plan) streamInline(path string, opts graph.SaveOptions) (*MergeReport, error) {
+	opts, dataPath, err := opts.WithDefaults(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.m.CheckOutputs(path, dataPath); err != nil {
+		return nil, err
+	}
+	refs, err := p.inputRefs()
+	if err != nil {
+		return nil, err
+	}
+	pw, err := p.m.NewPairWriter(path, opts.DataFile)
+	if err != nil {
+		return nil, err
+	}
+	defer pw.Abort()
+	sources, err := p.sources(refs)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.commitGraph(); err != nil {
+		return nil, err
+	}
+	pending := map[*onnxpb.TensorProto]int64{}
+	for _, u := range p.updates {
+		pending[u.dst] = int64(u.rows) * int64(u.cols) * int64(elemSize(u.dst))
+	}
+	layout, err := p.m.LayoutProto(pending)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if layout.Size > math.MaxInt32 {
+		return nil, fmt.Errorf("%s: the merged model is %d bytes, more than a protobuf can hold; save with external data", path, layout.Size)
+	}
+	files := &fileSet{files: map[string]*os.File{}}
+	defer files.close()
+	err = pw.CommitWith(func(f *os.File) error {
+		if err := layout.WriteTo(f); err != nil {
+			return err
+		}
+		jobs := make([]*streamJob, len(p.updates))
+		for i, u := range p.updates {
+			jobs[i] = &streamJob{t: u.dst, offset: layout.Offsets[u.dst], size: pending[u.dst], upd: u}
+		}
+		if err := p.runJobs(path, jobs, f, files, sources); err != nil {
+			return err
+		}
+		return p.checkSafe()
+	}, false)
+	if err != nil {
+		return nil, err
+	}
+	return p.finish(), nil
+}
+
+// runJobs runs the jobs on a worker per CPU, the biggest first so the
+// workers finish together.
+func (p *plan) runJobs(path string, jobs []*streamJob, out *os.File, files *fileSet, sources map[*update]streamSource) error {
+	order := make([]int, len(jobs))
+	for i := range order {
+		order[i] = i
+	}
+	sort.SliceStable(order, func(a, b int) bool { return jobs[order[a]].size > jobs[order[b]].size })
+	return parallel(len(jobs), func(i int) error {
+		j := jobs[order[i]]
+		if err := p.runJob(j, out, files, sources); err != nil {
+			return fmt.Errorf("%s: tensor %q: %w", path, j.t.GetName(), err)
+		}
+		if u := j.upd; u != nil && p.opts.Safe && u.stats.nonFinite > 0 {
+			return fmt.Errorf("safe merge: merging would write %d NaN or infinite values in %s (%s); nothing was written", u.stats.nonFinite, u.rep.Weight, u.rep.Module)
+		}
+		return nil
+	})
 }
 
 func hasExternal(m *graph.Model) bool {
@@ -67,22 +191,11 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	}
 
 	// Where everything is read from, captured before the graph changes.
-	refs := map[*onnxpb.TensorProto]*graph.ExternalRef{}
-	var rerr error
-	p.m.Tensors(func(t *onnxpb.TensorProto) {
-		if rerr != nil || !graph.IsExternal(t) {
-			return
-		}
-		ref, err := p.m.ExternalRef(t)
-		if err != nil {
-			rerr = err
-			return
-		}
-		refs[t] = &ref
-	})
-	if rerr != nil {
-		return nil, rerr
+	refs, err := p.inputRefs()
+	if err != nil {
+		return nil, err
 	}
+	var rerr error
 	if err := p.m.CheckOutputs(path, dataPath); err != nil {
 		return nil, err
 	}
@@ -92,17 +205,25 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		return nil, err
 	}
 	defer pw.Abort()
-	sources := map[*update]streamSource{}
-	for _, u := range p.updates {
-		if ref := refs[u.src]; ref != nil {
-			sources[u] = streamSource{ext: ref}
+	sources, err := p.sources(refs)
+	if err != nil {
+		return nil, err
+	}
+	// Inline raw_data Load left in the model file is copied from there.
+	inl := map[*onnxpb.TensorProto]*graph.ExternalRef{}
+	var all []*onnxpb.TensorProto
+	p.m.Tensors(func(t *onnxpb.TensorProto) { all = append(all, t) })
+	for _, t := range all {
+		if refs[t] != nil {
 			continue
 		}
-		raw, err := p.m.RawData(u.src)
+		ref, err := p.fileRef(refs, t)
 		if err != nil {
 			return nil, err
 		}
-		sources[u] = streamSource{raw: raw}
+		if ref != nil {
+			inl[t] = ref
+		}
 	}
 
 	if err := p.commitGraph(); err != nil {
@@ -133,7 +254,7 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		u := byDst[t]
 		ext := refs[t]
 		if u != nil {
-			ext = sources[u].ext
+			ext = refs[u.src]
 		}
 		if ext == nil && size < opts.Threshold {
 			if u != nil {
@@ -147,6 +268,8 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		case u != nil:
 		case refs[t] != nil:
 			j.ext = refs[t]
+		case inl[t] != nil:
+			j.ext = inl[t]
 		default:
 			if j.raw, err = p.m.RawData(t); err != nil {
 				rerr = err
@@ -160,9 +283,17 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		return nil, rerr
 	}
 
+	files := &fileSet{files: map[string]*os.File{}}
+	defer files.close()
 	// Small merged weights are computed in memory.
 	for _, u := range small {
 		src := sources[u].raw
+		if ext := sources[u].ext; src == nil {
+			src = make([]byte, ext.Length)
+			if err := files.readAt(ext, src, 0); err != nil {
+				return nil, err
+			}
+		}
 		if u.srcT {
 			src = transposeRaw(src, graph.DataType(u.src.GetDataType()).BitSize()/8, u.cols, u.rows)
 		}
@@ -170,25 +301,7 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		u.stats = mergeRows(u.out, src, u, 0, u.rows, make([]float64, 2*u.cols))
 	}
 
-	files := &fileSet{files: map[string]*os.File{}}
-	defer files.close()
-	// The biggest tensors go first, so the workers finish together.
-	order := make([]int, len(jobs))
-	for i := range order {
-		order[i] = i
-	}
-	sort.SliceStable(order, func(a, b int) bool { return jobs[order[a]].size > jobs[order[b]].size })
-	err = parallel(len(jobs), func(i int) error {
-		j := jobs[order[i]]
-		if err := p.runJob(j, pw.Data, files, sources); err != nil {
-			return fmt.Errorf("%s: tensor %q: %w", path, j.t.GetName(), err)
-		}
-		if u := j.upd; u != nil && p.opts.Safe && u.stats.nonFinite > 0 {
-			return fmt.Errorf("safe merge: merging would write %d NaN or infinite values in %s (%s); nothing was written", u.stats.nonFinite, u.rep.Weight, u.rep.Module)
-		}
-		return nil
-	})
-	if err != nil {
+	if err := p.runJobs(path, jobs, pw.Data, files, sources); err != nil {
 		return nil, err
 	}
 	if err = p.checkSafe(); err != nil {
@@ -202,14 +315,14 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	for _, j := range jobs {
 		graph.SetExternal(j.t, pw.DataName, j.offset, j.size)
 	}
-	if size := proto.Size(p.m.Proto); size > math.MaxInt32 {
-		return nil, fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, size)
-	}
-	data, err := proto.Marshal(p.m.Proto)
+	layout, err := p.m.LayoutProto(nil)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	if err = pw.Commit(data, len(jobs) > 0); err != nil {
+	if layout.Size > math.MaxInt32 {
+		return nil, fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, layout.Size)
+	}
+	if err = pw.CommitWith(layout.WriteTo, len(jobs) > 0); err != nil {
 		return nil, err
 	}
 	return p.finish(), nil
@@ -225,7 +338,11 @@ func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*u
 		_, err := out.WriteAt(j.raw, j.offset)
 		return err
 	case j.ext != nil:
-		return files.copyRange(out, j.offset, j.ext)
+		if err := files.copyRange(out, j.offset, j.ext); err != nil {
+			return err
+		}
+		graph.StartWriteback(out, j.offset, j.size)
+		return nil
 	}
 	u := j.upd
 	src := sources[u]
@@ -271,6 +388,9 @@ func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*u
 		if _, err := out.WriteAt(d, j.offset+int64(p0)*dstRow); err != nil {
 			return err
 		}
+		// Writeback starts now, overlapping the next chunks, so the final
+		// fsync has little left to wait for.
+		graph.StartWriteback(out, j.offset+int64(p0)*dstRow, int64(len(d)))
 		if p.opts.Safe && u.stats.nonFinite > 0 {
 			return nil // reported by the caller
 		}
@@ -290,7 +410,7 @@ func (fs *fileSet) open(path string) (*os.File, error) {
 	if f, ok := fs.files[path]; ok {
 		return f, nil
 	}
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return nil, err
 	}
