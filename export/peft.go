@@ -369,11 +369,21 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSa
 // module must be selected by target_modules; an empty target_modules is
 // filled with the modules' last name segments. config is not modified.
 func WritePEFTAdapter(dir string, config *PEFTConfig, modules []PEFTModule) error {
+	return WritePEFTAdapterPrefix(dir, config, modules, PEFTKeyPrefix)
+}
+
+// WritePEFTAdapterPrefix is WritePEFTAdapter with another key prefix than
+// "base_model.model." (PeftModel's), e.g. "" for keys that are bare module
+// paths. A non-empty prefix must end with a dot.
+func WritePEFTAdapterPrefix(dir string, config *PEFTConfig, modules []PEFTModule, prefix string) error {
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("peft adapter %s: %w", dir, fmt.Errorf(format, args...))
 	}
 	if config == nil {
 		return fail("nil config")
+	}
+	if prefix != "" && (!strings.HasSuffix(prefix, ".") || strings.HasPrefix(prefix, ".") || strings.Contains(prefix, "..")) {
+		return fail("key prefix %q must be dotted segments ending in a dot, like %q", prefix, PEFTKeyPrefix)
 	}
 	cfg := *config
 	if cfg.PEFTType == "" {
@@ -434,11 +444,11 @@ func WritePEFTAdapter(dir string, config *PEFTConfig, modules []PEFTModule) erro
 		if dt == "" {
 			dt = DTypeF32
 		}
-		ta, err := NewFloat32Tensor(PEFTKeyPrefix+m.Name+".lora_A.weight", dt, m.ShapeA(), m.A)
+		ta, err := NewFloat32Tensor(prefix+m.Name+".lora_A.weight", dt, m.ShapeA(), m.A)
 		if err != nil {
 			return fail("module %q lora_A: %v", m.Name, err)
 		}
-		tb, err := NewFloat32Tensor(PEFTKeyPrefix+m.Name+".lora_B.weight", dt, m.ShapeB(), m.B)
+		tb, err := NewFloat32Tensor(prefix+m.Name+".lora_B.weight", dt, m.ShapeB(), m.B)
 		if err != nil {
 			return fail("module %q lora_B: %v", m.Name, err)
 		}

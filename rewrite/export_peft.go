@@ -18,6 +18,9 @@ type ExportOptions struct {
 	TaskType string
 	// Only exports the adapters of these modules; empty means all.
 	Only []string
+	// Prefix goes before each module path in the keys; nil means
+	// export.PEFTKeyPrefix ("base_model.model."), what PeftModel loads.
+	Prefix *string
 }
 
 // ExportReport describes a written PEFT adapter directory.
@@ -28,6 +31,12 @@ type ExportReport struct {
 	Config *export.PEFTConfig `json:"-"`
 	// Modules are the exported module paths, in graph order.
 	Modules []string `json:"modules"`
+	// FanInFanOut is the fan_in_fan_out written: true when every exported
+	// layer is a GPT-2 style Conv1D (see ExportPEFT).
+	FanInFanOut bool `json:"fan_in_fan_out"`
+	// Untrained is true when every lora_B is zero: the adapters are as
+	// inject made them and change nothing.
+	Untrained bool `json:"untrained,omitempty"`
 }
 
 // ExportPEFT writes the model's (trained) LoRA adapters as a PEFT adapter
@@ -40,7 +49,8 @@ type ExportReport struct {
 // type, under keys base_model.model.<module>.lora_{A,B}.weight. The config
 // has the most common rank and alpha as r and lora_alpha, rank_pattern and
 // alpha_pattern entries for the modules that differ, use_rslora,
-// lora_dropout, fan_in_fan_out false, peft_type LORA and target_modules:
+// lora_dropout, fan_in_fan_out (true when every exported layer is a GPT-2
+// Conv1D, as PEFT sets it; see isConv1D), peft_type LORA and target_modules:
 // short names ("q_proj") when every layer so named is exported, full module
 // paths otherwise. Adapters mixing rsLoRA and plain scaling cannot be
 // described by one config and are refused.
@@ -82,11 +92,55 @@ func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, 
 	if err != nil {
 		return nil, err
 	}
-	if err := export.WritePEFTAdapter(dir, cfg, mods); err != nil {
+	conv := true
+	for _, f := range chosen {
+		conv = conv && isConv1D(f.Layer)
+	}
+	cfg.FanInFanOut = conv
+	rep.FanInFanOut = conv
+	rep.Untrained = true
+	for _, mod := range mods {
+		for _, v := range mod.B {
+			if v != 0 {
+				rep.Untrained = false
+				break
+			}
+		}
+	}
+	prefix := export.PEFTKeyPrefix
+	if opts.Prefix != nil {
+		prefix = *opts.Prefix
+	}
+	if err := export.WritePEFTAdapterPrefix(dir, cfg, mods, prefix); err != nil {
 		return nil, err
 	}
 	rep.Config = cfg
 	return rep, nil
+}
+
+// isConv1D reports whether a layer is an export of transformers' Conv1D
+// (GPT-2's c_attn, c_proj, c_fc), for which PEFT sets fan_in_fan_out: its
+// parameter is stored [in, out] and the node multiplies by it directly
+// (a MatMul, or a Gemm without transB, as torch.onnx exports addmm), under
+// its own parameter name. nn.Linear stores [out, in], so its export goes
+// through a Transpose, transB=1, or a folded copy the exporter renames
+// ("onnx::MatMul_12", "weight_transposed"); exporters that store Linear
+// weights [in, out] themselves name them after the op (onnxruntime-genai's
+// "q_proj.MatMul.weight"), which this rule leaves out.
+func isConv1D(l *Layer) bool {
+	if l == nil || l.Weight == nil || l.StoredTransposed() || len(l.Weight.Chain) > 0 {
+		return false
+	}
+	name := l.Weight.Name
+	if renamedWeight(name) {
+		return false
+	}
+	i := strings.LastIndexByte(name, '.')
+	if i < 0 || (name[i+1:] != "weight" && name[i+1:] != "weight_resize") {
+		return false
+	}
+	j := strings.LastIndexByte(name[:i], '.')
+	return !opSegmentRE.MatchString(name[j+1 : i])
 }
 
 // peftModule converts one branch's factors to PEFT's layout.
@@ -146,7 +200,6 @@ func peftConfig(found []*foundAdapter, allLayers []string, opts ExportOptions) (
 	cfg.LoraDropout = dropout
 	cfg.TaskType = opts.TaskType
 	cfg.BaseModelNameOrPath = opts.BaseModel
-	cfg.FanInFanOut = false
 	for _, f := range found {
 		if f.Rank != rank {
 			cfg.RankPattern = append(cfg.RankPattern, export.Pattern[int]{Key: patternKey(f.Module, allLayers), Value: f.Rank})

@@ -170,3 +170,59 @@ func TestExportConfigPatterns(t *testing.T) {
 		t.Errorf("mixed rsLoRA: %v", err)
 	}
 }
+
+func TestExportPEFTFanInFanOutPrefixUntrained(t *testing.T) {
+	for _, tc := range []struct {
+		model  string
+		fanIn  bool
+		corpus bool
+	}{
+		{"../testdata/peft/gpt2.onnx", true, false},                             // Conv1D: Gemm without transB on "c_fc.weight"
+		{"../testdata/peft/base.onnx", false, false},                            // nn.Linear: MatMul through a Transpose
+		{"../../shared/corpus/llama-tiny-fp16-extdata/model.onnx", false, true}, // GenAI: [in, out] under "q_proj.MatMul.weight"
+		{"../../shared/corpus/gpt2-conv1d-gemm-pytorch16.onnx", true, true},     // PyTorch 1.6 GPT-2
+	} {
+		t.Run(filepath.Base(tc.model), func(t *testing.T) {
+			if _, err := os.Stat(tc.model); tc.corpus && err != nil {
+				t.Skipf("the model corpus is absent (%s): %v", tc.model, err)
+			}
+			m := loadModel(t, tc.model)
+			if _, err := Inject(m, mgInjectDefaults(InjectConfig{SelectOptions: SelectOptions{Targets: []string{"all-linear"}}})); err != nil {
+				t.Fatal(err)
+			}
+			dir := filepath.Join(t.TempDir(), "untrained")
+			rep, err := ExportPEFT(m, dir, ExportOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !rep.Untrained || rep.FanInFanOut != tc.fanIn || rep.Config.FanInFanOut != tc.fanIn {
+				t.Fatalf("untrained %v, fan_in_fan_out %v (config %v), want true, %v", rep.Untrained, rep.FanInFanOut, rep.Config.FanInFanOut, tc.fanIn)
+			}
+			cfg, err := export.ReadPEFTConfig(filepath.Join(dir, export.PEFTConfigFile))
+			if err != nil || cfg.FanInFanOut != tc.fanIn {
+				t.Fatalf("written fan_in_fan_out %v (%v)", cfg.FanInFanOut, err)
+			}
+			mgRandomizeAdapters(t, m, 3)
+			bare := ""
+			dir = filepath.Join(t.TempDir(), "bare")
+			rep, err = ExportPEFT(m, dir, ExportOptions{Prefix: &bare})
+			if err != nil || rep.Untrained {
+				t.Fatalf("trained export: %v, untrained %v", err, rep.Untrained)
+			}
+			f, err := export.OpenSafetensors(filepath.Join(dir, export.PEFTWeightsFile))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			for _, k := range f.Names() {
+				if strings.HasPrefix(k, export.PEFTKeyPrefix) || !strings.HasSuffix(k, ".weight") {
+					t.Fatalf("key %q with prefix \"\"", k)
+				}
+			}
+			bad := "base_model"
+			if _, err := ExportPEFT(m, filepath.Join(t.TempDir(), "x"), ExportOptions{Prefix: &bad}); err == nil || !strings.Contains(err.Error(), "must be dotted segments ending in a dot") {
+				t.Errorf("prefix without a dot: %v", err)
+			}
+		})
+	}
+}
