@@ -410,7 +410,7 @@ func (fs *fileSet) open(path string) (*os.File, error) {
 	if f, ok := fs.files[path]; ok {
 		return f, nil
 	}
-	f, err := graph.Open(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
