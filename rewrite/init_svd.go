@@ -238,3 +238,7 @@ func roundTo(dt graph.DataType, vals []float64) ([]float64, error) {
 	}
 	return graph.DecodeFloats(dt, raw), nil
 }
+
+// Check reports whether i names an initialization Inject knows: kaiming,
+// gaussian, pissa, pissa_niter_N or olora.
+func (i Init) Check() error { return i.check() }

@@ -101,7 +101,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	opts.Select.register(fl, `module names to adapt, e.g. q_proj,v_proj, or "all-linear" (PEFT target_modules)`)
 	fl.BoolVar(&opts.RSLoRA, "rslora", false, "scale by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)")
 	fl.Float64Var(&opts.Dropout, "dropout", 0, "dropout probability on the adapter input, in [0, 1) (PEFT lora_dropout)")
-	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "lora_A initialization: kaiming (PEFT's default) or gaussian")
+	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "initialization: kaiming (PEFT's default) or gaussian for A with B = 0; pissa, pissa_niter_N or olora for A and B from the weight's SVD or QR, the residual written into the base")
 	fl.Uint64Var(&opts.Seed, "seed", 0, "random seed for lora_A; the same seed gives the same weights")
 	fl.BoolVar(&opts.AdapterInputs, "adapter-inputs", false, "make lora_A/lora_B graph inputs with rank-0 defaults, the scaling in B, for ONNX Runtime's .onnx_adapter files (docs/serving.md)")
 	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
@@ -109,7 +109,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.BoolVar(&opts.JSON, "json", false, "print the result (counts and manifest) as JSON on stdout")
 	registerExternalFlag(cmd, &opts.External)
 	_ = cmd.RegisterFlagCompletionFunc("init", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
-		return []string{"kaiming", "gaussian"}, cobra.ShellCompDirectiveNoFileComp
+		return []string{"kaiming", "gaussian", "pissa", "pissa_niter_4", "olora"}, cobra.ShellCompDirectiveNoFileComp
 	})
 	_ = cmd.RegisterFlagCompletionFunc("target", func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
 		return []string{rewrite.AllLinear, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, cobra.ShellCompDirectiveNoFileComp
@@ -136,8 +136,8 @@ func (o *InjectOptions) validate() error {
 		}
 	}
 	init := rewrite.Init(strings.ToLower(o.Init))
-	if init != rewrite.InitKaiming && init != rewrite.InitGaussian {
-		return usageErrorf("invalid argument %q for --init: want kaiming or gaussian", o.Init)
+	if init.Check() != nil {
+		return usageErrorf("invalid argument %q for --init: want kaiming, gaussian, pissa, pissa_niter_N or olora", o.Init)
 	}
 	if o.Dropout < 0 || o.Dropout >= 1 || math.IsNaN(o.Dropout) {
 		return usageErrorf("invalid argument %v for --dropout: want a probability in [0, 1)", o.Dropout)

@@ -20,6 +20,8 @@ type InspectOptions struct {
 	DOT     bool
 	Layer   string
 	NoNorms bool
+	Spectra bool
+	Plot    string
 	Select  selectFlags
 	Adapter adapterDirFlags
 
@@ -82,12 +84,17 @@ out, ‖A·B‖), in text or with --json.`,
 	fl.BoolVar(&opts.DOT, "dot", false, "print a Graphviz drawing of the selected layers and their adapters")
 	fl.StringVar(&opts.Layer, "layer", "", "with --dot: draw only layers whose module path matches this regex")
 	fl.BoolVar(&opts.NoNorms, "no-norms", false, "do not read adapter weights to compute their norms")
+	fl.BoolVar(&opts.Spectra, "spectra", false, "print the singular values of every adapter's scaling*A*B instead (with --json: as JSON)")
+	fl.StringVar(&opts.Plot, "plot", "", "draw the adapters' singular values (log scale) to this .svg, .png or .pdf file")
 	fl.StringVarP(&opts.Output, "output", "o", "", "write the report to this file instead of stdout")
 	opts.Adapter.register(fl)
 	return cmd
 }
 
 func (o *InspectOptions) validate(cmd *cobra.Command) error {
+	if err := o.validateSpectra(); err != nil {
+		return err
+	}
 	if o.JSON && o.DOT {
 		return usageErrorf("--json and --dot cannot be combined")
 	}
@@ -138,6 +145,9 @@ func runInspect(opts *InspectOptions) error {
 	}
 	if opts.Adapter.Dir != "" {
 		return runInspectAdapterDir(opts, m)
+	}
+	if opts.Spectra || opts.Plot != "" {
+		return runInspectSpectra(opts, m)
 	}
 	r, err := inspect.Build(m, inspect.Options{Select: opts.selection, SkipNorms: opts.NoNorms})
 	if err != nil {
