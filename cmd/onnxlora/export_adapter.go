@@ -26,6 +26,9 @@ type ExportAdapterOptions struct {
 	// Format is --format: peft or onnx-adapter; by default chosen by the
 	// output's extension.
 	Format string
+	// Force replaces an existing PEFT directory; Prefix is the key prefix.
+	Force  bool
+	Prefix string
 }
 
 // NewCmdExportAdapter builds `onnxlora export-adapter`.
@@ -92,6 +95,8 @@ MODEL may be in either mode; an adapter-input model must have trained
 	fl.StringVar(&opts.TaskType, "task-type", "", "task_type to record, e.g. CAUSAL_LM")
 	fl.StringSliceVar(&opts.Only, "only", nil, "export only these modules (module paths)")
 	fl.BoolVar(&opts.JSON, "json", false, "print the exported modules as JSON on stdout")
+	fl.BoolVar(&opts.Force, "force", false, "replace an existing adapter directory (refused otherwise, so a trained export is not lost)")
+	fl.StringVar(&opts.Prefix, "prefix", export.PEFTKeyPrefix, `key prefix before each module path ("" for bare module paths)`)
 	fl.StringVar(&opts.Initial, "initial", "", "PiSSA/OLoRA adapters: the model as injected at step 0 (or its PEFT directory), to write a plain LoRA for the original weights (r and alpha doubled)")
 	fl.StringVar(&opts.Format, "format", "", "peft (a directory) or onnx-adapter (an ONNX Runtime .onnx_adapter file); default by the output's extension")
 	_ = cmd.MarkFlagDirname("output")
@@ -109,19 +114,27 @@ func runExportAdapter(opts *ExportAdapterOptions) error {
 	if err := checkPaths(m, nil, peftFiles("-o", opts.Output)); err != nil {
 		return err
 	}
+	if entries, err := os.ReadDir(opts.Output); err == nil && len(entries) > 0 && !opts.Force {
+		return fmt.Errorf("%s already exists and is not empty; add --force to replace it", opts.Output)
+	}
 	if done, err := exportConverted(opts, m); done || err != nil {
 		return err
 	}
-	rep, err := rewrite.ExportPEFT(m, opts.Output, rewrite.ExportOptions{BaseModel: opts.BaseModel, TaskType: opts.TaskType, Only: opts.Only})
+	rep, err := rewrite.ExportPEFT(m, opts.Output, rewrite.ExportOptions{BaseModel: opts.BaseModel, TaskType: opts.TaskType, Only: opts.Only, Prefix: &opts.Prefix})
 	if err != nil {
 		return err
+	}
+	if rep.Untrained {
+		ios.Warnf("every lora_B is zero: the adapters are untrained, so the exported adapter changes nothing")
 	}
 	if opts.JSON {
 		return writeJSON(ios.Out, rep)
 	}
-	fmt.Fprintf(ios.Out, "Exported %d adapter(s) (r=%d, lora_alpha=%g) to %s:\n", len(rep.Modules), rep.Config.R, rep.Config.LoraAlpha, opts.Output)
-	for _, mod := range rep.Modules {
-		fmt.Fprintf(ios.Out, "  %s\n", mod)
+	if !ios.Quiet {
+		fmt.Fprintf(ios.Out, "Exported %d adapter(s) (r=%d, lora_alpha=%g, fan_in_fan_out=%v) to %s:\n", len(rep.Modules), rep.Config.R, rep.Config.LoraAlpha, rep.FanInFanOut, opts.Output)
+		for _, mod := range rep.Modules {
+			fmt.Fprintf(ios.Out, "  %s\n", mod)
+		}
 	}
 	ios.Notef("wrote %s and %s", export.PEFTConfigFile, export.PEFTWeightsFile)
 	return nil

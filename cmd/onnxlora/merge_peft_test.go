@@ -83,3 +83,34 @@ func TestMergePEFTFlags(t *testing.T) {
 		t.Errorf("--map: %s", r.stdout)
 	}
 }
+
+func TestExportAdapterForcePrefixAndUntrained(t *testing.T) {
+	tmp := t.TempDir()
+	lora := filepath.Join(tmp, "lora.onnx")
+	mustRun(t, "inject", peftFixture("gpt2.onnx"), "-o", lora, "--target", "c_fc,c_proj", "-q")
+	dir := filepath.Join(tmp, "adapter")
+	r := mustRun(t, "export-adapter", lora, "-o", dir)
+	if !strings.Contains(r.stderr, "every lora_B is zero") || !strings.Contains(r.stdout, "fan_in_fan_out=true") {
+		t.Errorf("untrained export: %q %q", r.stdout, r.stderr)
+	}
+	cfg, err := os.ReadFile(filepath.Join(dir, "adapter_config.json"))
+	if err != nil || !strings.Contains(string(cfg), `"fan_in_fan_out": true`) {
+		t.Errorf("config: %s %v", cfg, err)
+	}
+	before, _ := os.ReadFile(filepath.Join(dir, "adapter_model.safetensors"))
+	r = run(t, "export-adapter", lora, "-o", dir, "--prefix", "")
+	if r.code != 1 || !strings.Contains(r.stderr, "already exists and is not empty; add --force") {
+		t.Errorf("overwrite without --force: %d %q", r.code, r.stderr)
+	}
+	if after, _ := os.ReadFile(filepath.Join(dir, "adapter_model.safetensors")); string(after) != string(before) {
+		t.Error("a refused export changed the directory")
+	}
+	r = mustRun(t, "export-adapter", lora, "-o", dir, "--prefix", "", "--force", "-q")
+	if r.stdout != "" {
+		t.Errorf("--quiet printed %q", r.stdout)
+	}
+	after, _ := os.ReadFile(filepath.Join(dir, "adapter_model.safetensors"))
+	if strings.Contains(string(after), "base_model.model.") || !strings.Contains(string(after), `"transformer.h.0.mlp.c_fc.lora_A.weight"`) {
+		t.Errorf("--prefix \"\" keys: %.300s", after)
+	}
+}
