@@ -316,12 +316,30 @@ func (ti *typeInfo) inferShapes(n *onnxpb.NodeProto) {
 		}
 		out := append(append(append([]dim{}, x[:axis]...), idx...), x[axis+1:]...)
 		set(0, out)
-	case "Concat", "Split", "Slice":
+	case "Split":
+		if !okX {
+			return
+		}
+		axis, ok := normAxis(graph.AttrInt(n, "axis", 0), len(x))
+		if !ok {
+			return
+		}
+		sizes := graph.AttrInts(n, "split")
+		if sizes == nil {
+			sizes, _ = ti.constInts(input(n, 1))
+		}
+		for i := range n.Output {
+			d := ti.fresh()
+			if len(sizes) == len(n.Output) {
+				d = dim{value: sizes[i]}
+			}
+			out := append([]dim{}, x...)
+			out[axis] = d
+			set(i, out)
+		}
+	case "Concat", "Slice":
 		if okX {
 			set(0, ti.freshDims(len(x))) // sizes along the axis change
-			for i := 1; i < len(n.Output) && op == "Split"; i++ {
-				set(i, ti.freshDims(len(x)))
-			}
 		}
 	}
 	ti.inferValues(n)
@@ -446,6 +464,37 @@ func (ti *typeInfo) inferValues(n *onnxpb.NodeProto) {
 			all = append(all, v...)
 		}
 		ti.values[out] = all
+	case "Add", "Sub", "Mul", "Div":
+		// Arithmetic on known sizes (head counts, head sizes).
+		a, okA := val(0)
+		b, okB := val(1)
+		if !okA || !okB || len(a) != len(b) {
+			return
+		}
+		r := make([]dim, len(a))
+		for i := range a {
+			if !a[i].known() || !b[i].known() {
+				return
+			}
+			x, y := a[i].value, b[i].value
+			switch n.GetOpType() {
+			case "Add":
+				r[i] = dim{value: x + y}
+			case "Sub":
+				r[i] = dim{value: x - y}
+			case "Mul":
+				r[i] = dim{value: x * y}
+			case "Div":
+				if y == 0 || x%y != 0 {
+					return
+				}
+				r[i] = dim{value: x / y}
+			}
+			if r[i].value < 0 {
+				return
+			}
+		}
+		ti.values[out] = r
 	case "Slice":
 		v, ok := val(0)
 		starts, ok1 := ti.constInts(input(n, 1))
