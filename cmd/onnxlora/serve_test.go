@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -17,9 +18,14 @@ import (
 // trainedLoRA writes the base model injected with constant factors whose
 // A and B are random (as if trained) and returns its path.
 func trainedLoRA(t *testing.T, dir string) string {
+	return trainedLoRAWith(t, dir, "trained", "q_proj,v_proj", 4, 1)
+}
+
+// trainedLoRAWith is trainedLoRA with a name, targets, rank and seed.
+func trainedLoRAWith(t *testing.T, dir, name, targets string, rank int, seed uint64) string {
 	t.Helper()
-	p := filepath.Join(dir, "lora.onnx")
-	mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", p, "--target", "q_proj,v_proj", "--rank", "4", "--alpha", "8")
+	p := filepath.Join(dir, name+"-lora.onnx")
+	mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", p, "--target", targets, "--rank", fmt.Sprint(rank), "--alpha", "8")
 	m, err := graph.Load(p)
 	if err != nil {
 		t.Fatal(err)
@@ -29,7 +35,7 @@ func trainedLoRA(t *testing.T, dir string) string {
 	if err != nil || man == nil {
 		t.Fatal(err)
 	}
-	rng := rand.New(rand.NewPCG(1, 2))
+	rng := rand.New(rand.NewPCG(seed, 2))
 	g := m.Graph()
 	for _, a := range man.Adapters {
 		for _, name := range []string{a.LoraA, a.LoraB} {
@@ -43,7 +49,7 @@ func trainedLoRA(t *testing.T, dir string) string {
 			}
 		}
 	}
-	trained := filepath.Join(dir, "trained.onnx")
+	trained := filepath.Join(dir, name+".onnx")
 	if err := m.Save(trained, graph.SaveOptions{}); err != nil {
 		t.Fatal(err)
 	}
