@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"text/tabwriter"
 
 	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/rewrite"
@@ -59,6 +60,11 @@ func runExportOnnxAdapter(opts *ExportAdapterOptions) error {
 		return err
 	}
 	defer m.Close()
+	// PiSSA/OLoRA factors are a delta on residual weights, not on the base
+	// an adapter-input model is made from.
+	if err := rewrite.CheckPlainExport(m, opts.Only); err != nil {
+		return err
+	}
 	a, rep, err := rewrite.ExportOnnxAdapter(m, rewrite.ExportOptions{Only: opts.Only})
 	if err != nil {
 		return err
@@ -70,10 +76,13 @@ func runExportOnnxAdapter(opts *ExportAdapterOptions) error {
 		return writeJSON(ios.Out, rep)
 	}
 	fmt.Fprintf(ios.Out, "Exported %d adapter(s) as %d parameters to %s:\n", len(rep.Modules), len(a.Params), opts.Output)
+	tw := tabwriter.NewWriter(ios.Out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  MODULE\tA\tB")
 	for i, mod := range rep.Modules {
 		pa, pb := a.Params[2*i], a.Params[2*i+1]
-		fmt.Fprintf(ios.Out, "  %s\t%s %v, %s %v\n", mod, pa.Name, pa.Dims, pb.Name, pb.Dims)
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", mod, formatDims(pa.Dims), formatDims(pb.Dims))
 	}
+	tw.Flush()
 	ios.Notef("serve it with ONNX Runtime on a model made by 'onnxlora inject --adapter-inputs' (docs/serving.md)")
 	return nil
 }

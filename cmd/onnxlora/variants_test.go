@@ -134,3 +134,18 @@ func TestExportPiSSAConverted(t *testing.T) {
 		}
 	}
 }
+
+// TestExportOnnxAdapterRefusesPiSSA: an .onnx_adapter of PiSSA factors
+// would be served on the original base, where they are wrong.
+func TestExportOnnxAdapterRefusesPiSSA(t *testing.T) {
+	dir := t.TempDir()
+	m := filepath.Join(dir, "pissa.onnx")
+	mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", m, "--target", "q_proj", "--rank", "2", "--alpha", "2", "--init", "pissa_niter_2")
+	out := filepath.Join(dir, "a.onnx_adapter")
+	if r := run(t, "export-adapter", m, "-o", out); r.code != 1 || !strings.Contains(r.stderr, "residuals") {
+		t.Errorf("exit %d, %q", r.code, r.stderr)
+	}
+	if _, err := os.Stat(out); err == nil {
+		t.Error("the refused export wrote a file")
+	}
+}
