@@ -49,6 +49,9 @@ const (
 	// paramInput is a graph input, fed at run time (as ONNX Runtime's LoRA
 	// adapters feed A and B to an adapter-input model).
 	paramInput
+	// paramKernel is a constant float tensor of rank 3 or more (a Conv
+	// kernel); its Dims name the leading axes only.
+	paramKernel
 )
 
 func (c paramClass) String() string {
@@ -59,6 +62,8 @@ func (c paramClass) String() string {
 		return "a constant float scalar"
 	case paramInput:
 		return "a graph input"
+	case paramKernel:
+		return "a constant float convolution kernel"
 	}
 	return "a value"
 }
@@ -78,6 +83,9 @@ type branchNode struct {
 	MoreInputs, SpareOutputs bool
 	// Attrs are written by build and required by match.
 	Attrs []*onnxpb.AttributeProto
+	// BaseAttrs are attributes build copies from the layer node when it
+	// has them (a Conv's strides and pads); the kind checks them on a match.
+	BaseAttrs []string
 	// When says whether the node is there; when it is not, its output is
 	// its first input.
 	When presence

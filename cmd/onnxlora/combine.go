@@ -5,6 +5,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -218,9 +219,12 @@ func runCombine(opts *CombineOptions) error {
 		return writeJSON(ios.Out, res)
 	}
 	fmt.Fprintf(ios.Out, "Combined %d adapter(s) (%s, weights %s) into %d module(s):\n", len(opts.Adapters), opts.Method, strings.Join(opts.Weights, ","), len(mods))
+	tw := tabwriter.NewWriter(ios.Out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  MODULE\tRANK\t[IN,OUT]")
 	for _, m := range res.Modules {
-		fmt.Fprintf(ios.Out, "  %s\tr=%d\t[%d,%d]\n", m.Name, m.Rank, m.In, m.Out)
+		fmt.Fprintf(tw, "  %s\t%d\t[%d,%d]\n", m.Name, m.Rank, m.In, m.Out)
 	}
+	tw.Flush()
 	ios.Notef("wrote %s", opts.Output)
 	return nil
 }
