@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"os"
 
 	flatbuffers "github.com/google/flatbuffers/go"
 
@@ -115,7 +114,7 @@ func checkParam(p *OnnxAdapterParam) error {
 
 // ReadOnnxAdapter reads and verifies an .onnx_adapter file.
 func ReadOnnxAdapter(path string) (*OnnxAdapter, error) {
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("onnx adapter %s: %w", path, unwrapPathError(err))
 	}

@@ -7,11 +7,12 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"os"
 	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // PEFTConfig is a LoRA adapter_config.json. Fields without a Go counterpart
@@ -222,7 +223,7 @@ func (c *PEFTConfig) Validate() error {
 
 // ReadPEFTConfig reads and validates an adapter_config.json file.
 func ReadPEFTConfig(path string) (*PEFTConfig, error) {
-	data, err := os.ReadFile(path)
+	data, err := graph.ReadFile(path, 1<<26)
 	if err != nil {
 		return nil, fmt.Errorf("peft config %s: %v", path, unwrapPathError(err))
 	}

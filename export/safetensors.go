@@ -13,6 +13,8 @@ import (
 	"sort"
 	"strconv"
 	"unicode/utf8"
+
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // DType is a safetensors element type, spelled as in the file header.
@@ -117,7 +119,7 @@ type SafetensorsFile struct {
 // OpenSafetensors opens and validates the safetensors file at path. Only the
 // header is read; call Close when done.
 func OpenSafetensors(path string) (*SafetensorsFile, error) {
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return nil, formatErr(path, "%v", unwrapPathError(err))
 	}

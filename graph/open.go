@@ -23,12 +23,22 @@ func OpenFile(path string) (*os.File, fs.FileInfo, error) {
 	return f, st, nil
 }
 
-// ReadFile reads a whole regular file through OpenFile, refusing one larger
-// than limit bytes (limit <= 0: no limit beyond what fits in memory).
-func ReadFile(path string, limit int64) ([]byte, error) {
-	f, st, err := OpenFile(path)
+// Open is os.Open for a regular file only, without blocking (see
+// OpenFile); errors are *os.PathError, as os.Open's.
+func Open(path string) (*os.File, error) {
+	f, _, err := openRegular(path)
 	if err != nil {
-		return nil, err
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	return f, nil
+}
+
+// ReadFile is os.ReadFile through Open, refusing a file larger than limit
+// bytes (limit <= 0: no limit but the machine's memory).
+func ReadFile(path string, limit int64) ([]byte, error) {
+	f, st, err := openRegular(path)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	defer f.Close()
 	if limit > 0 && st.Size() > limit {
@@ -59,7 +69,7 @@ func openRegular(path string) (*os.File, fs.FileInfo, error) {
 	if !st.Mode().IsRegular() {
 		f.Close()
 		if st.IsDir() {
-			return nil, nil, fmt.Errorf("is a folder, %w", ErrNotRegular)
+			return nil, nil, fmt.Errorf("is a directory (a folder), %w", ErrNotRegular)
 		}
 		return nil, nil, fmt.Errorf("is a %s, %w", fileKind(st.Mode()), ErrNotRegular)
 	}

@@ -94,7 +94,7 @@ func TestOpenRefusesFIFO(t *testing.T) {
 	if _, err := ReadFile(fifo, 0); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Errorf("ReadFile(FIFO): %v", err)
 	}
-	if err := CheckRegular(dir); err == nil || !strings.Contains(err.Error(), "is a folder") {
+	if err := CheckRegular(dir); err == nil || !strings.Contains(err.Error(), "is a directory") {
 		t.Errorf("CheckRegular(folder): %v", err)
 	}
 }

@@ -15,6 +15,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // ORTVersion is the ONNX Runtime release that scripts/install-ort.sh
@@ -62,6 +64,10 @@ func LibraryPath() (string, error) {
 	if st, err := os.Stat(path); err != nil || st.IsDir() {
 		return "", fmt.Errorf("%w: %s (%s) does not exist; run scripts/install-ort.sh or set %s",
 			ErrNoLibrary, path, from, EnvLib)
+	}
+	// dlopen would block forever on a FIFO.
+	if err := graph.CheckRegular(path); err != nil {
+		return "", fmt.Errorf("%w: %s (%s): %v", ErrNoLibrary, from, path, errors.Unwrap(err))
 	}
 	return path, nil
 }

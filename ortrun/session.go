@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // OptLevel is ORT's graph optimization level.
@@ -96,6 +98,10 @@ func Open(path string, opts *Options) (*Session, error) {
 	level, err := o.Optimization.ortLevel()
 	if err != nil {
 		return nil, err
+	}
+	// ORT opens the file itself and would block forever on a FIFO.
+	if err := graph.CheckRegular(path); err != nil {
+		return nil, fmt.Errorf("ort: opening %w", err)
 	}
 	c, err := cCreateSession(path, intra, 1, level)
 	if err != nil {

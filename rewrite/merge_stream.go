@@ -410,7 +410,7 @@ func (fs *fileSet) open(path string) (*os.File, error) {
 	if f, ok := fs.files[path]; ok {
 		return f, nil
 	}
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return nil, err
 	}

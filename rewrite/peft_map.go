@@ -7,9 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"regexp"
 	"strings"
+
+	"github.com/onnxlora/onnxlora/graph"
 )
 
 // MapRule renames PEFT module paths before they are matched to the ONNX
@@ -61,7 +62,7 @@ func ParseMapRules(list []string) ([]MapRule, error) {
 // objects; or YAML of the same two shapes in block style ("FROM: TO"
 // lines, or "- from: X" / "  to: Y" items), with quoted or plain scalars.
 func ReadMapFile(path string) ([]MapRule, error) {
-	data, err := os.ReadFile(path)
+	data, err := graph.ReadFile(path, 1<<26)
 	if err != nil {
 		return nil, fmt.Errorf("module map file: %v", err)
 	}

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"os"
 	"sort"
 
 	"github.com/onnxlora/onnxlora/graph"
@@ -97,7 +96,7 @@ func SaveCheckpoint(path string, c *Checkpoint) error {
 
 // LoadCheckpoint reads a checkpoint written by SaveCheckpoint.
 func LoadCheckpoint(path string) (*Checkpoint, error) {
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return nil, err
 	}

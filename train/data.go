@@ -9,11 +9,11 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
-	"os"
 	"sort"
 	"strconv"
 	"strings"
 
+	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/ortrun"
 )
 
@@ -50,7 +50,7 @@ type Dataset struct {
 // of numbers. Blank lines are skipped. An empty file is an error, and so is
 // any line that is not such an object; errors name the line.
 func LoadJSONL(path string) (*Dataset, error) {
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return nil, err
 	}

@@ -6,13 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 
 	"github.com/onnxlora/onnxlora/export"
+	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 	"github.com/onnxlora/onnxlora/ortrun"
 )
@@ -46,7 +46,7 @@ func ReadInputs(path string) ([]ortrun.Tensor, error) {
 		return nil, err
 	}
 	if isJSON {
-		data, err := os.ReadFile(path)
+		data, err := graph.ReadFile(path, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -68,7 +68,7 @@ func sniff(path string) (isJSON bool, err error) {
 	case ".safetensors":
 		return false, nil
 	}
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return false, err
 	}

@@ -2,10 +2,10 @@ package main
 
 import (
 	"io"
-	"os"
 	"strings"
 
 	"github.com/onnxlora/onnxlora/export"
+	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/inspect"
 )
 
@@ -16,7 +16,7 @@ func isOnnxAdapterFile(path string) bool {
 	if strings.HasSuffix(path, export.OnnxAdapterExt) {
 		return true
 	}
-	f, err := os.Open(path)
+	f, err := graph.Open(path)
 	if err != nil {
 		return false
 	}

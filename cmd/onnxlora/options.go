@@ -284,3 +284,6 @@ func registerAllowSymlinks(root *cobra.Command) {
 		return nil
 	}
 }
+
+// samePath reports whether a and b name the same file (paths.Same).
+func samePath(a, b string) bool { return paths.Same(a, b) }

@@ -6,7 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // copyTree copies the regular files of src into a new folder dst.
@@ -165,5 +167,50 @@ func TestDashOutput(t *testing.T) {
 	}
 	if names, _ := os.ReadDir(dir); len(names) != 0 {
 		t.Errorf("left %v", names)
+	}
+}
+
+// TestFIFOInputsDoNotHang gives each command a FIFO where it reads a file:
+// each must fail at once with one line naming it, not block in open(2).
+func TestFIFOInputsDoNotHang(t *testing.T) {
+	dir := t.TempDir()
+	fifo := func(name string) string {
+		p := filepath.Join(dir, name)
+		if err := syscall.Mkfifo(p, 0o644); err != nil {
+			t.Skip("no FIFOs here:", err)
+		}
+		return p
+	}
+	trained := trainedModel(t, "tiny-gpt.onnx", "q_proj")
+	cfgDir := filepath.Join(dir, "ad-config")
+	mustRun(t, "export-adapter", trained, "-o", cfgDir, "-q")
+	wDir := filepath.Join(dir, "ad-weights")
+	mustRun(t, "export-adapter", trained, "-o", wDir, "-q")
+	os.Remove(filepath.Join(cfgDir, "adapter_config.json"))
+	syscall.Mkfifo(filepath.Join(cfgDir, "adapter_config.json"), 0o644)
+	os.Remove(filepath.Join(wDir, "adapter_model.safetensors"))
+	syscall.Mkfifo(filepath.Join(wDir, "adapter_model.safetensors"), 0o644)
+	out := filepath.Join(dir, "out.onnx")
+	for _, args := range [][]string{
+		{"inspect", fifo("model.onnx")},
+		{"inject", filepath.Join(dir, "model.onnx"), "-o", out, "--target", "q_proj"},
+		{"merge", fifo("lora.onnx"), "-o", out},
+		{"merge", model("tiny-gpt.onnx"), "--adapter", cfgDir, "-o", out},
+		{"merge", model("tiny-gpt.onnx"), "--adapter", wDir, "-o", out},
+		{"inspect", fifo("a.onnx_adapter")},
+		{"convert-adapter", filepath.Join(dir, "a.onnx_adapter"), "-o", filepath.Join(dir, "peft")},
+		{"train", trained, "--data", fifo("rows.jsonl"), "-o", out},
+		{"verify", trained, trained, "--inputs", fifo("inputs.json")},
+	} {
+		done := make(chan result, 1)
+		go func() { done <- run(t, args...) }()
+		select {
+		case r := <-done:
+			if r.code == 0 || strings.Count(r.stderr, "\n") != 1 || !strings.Contains(r.stderr, "FIFO") {
+				t.Errorf("%v: exit %d, stderr %q; want a one-line error naming the FIFO", args, r.code, r.stderr)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("%v: still running after 10 s: blocked on a FIFO", args)
+		}
 	}
 }
