@@ -47,6 +47,7 @@ Cases:
                        has the merged float16 bits rounded once from float64, and the
                        bits torch's `w16 += delta32` gives
   conv1d               fan_in_fan_out on gpt2.onnx's c_fc/c_proj
+  layers-999           the lora adapter with layers_to_transform [999], which PEFT refuses
 
 Run:  /usr/bin/python3 -B testdata/peft/generate.py
 """
@@ -317,6 +318,9 @@ def main():
             tensors[ka], tensors[kb] = a, b
         write_adapter(case, lora_config(target_modules=targets), tensors)
         write_expected(case, outs, merged)
+        if not named:
+            # A config PEFT refuses: no module of the model is in layer 999.
+            write_adapter("layers-999", lora_config(target_modules=targets, layers_to_transform=[999]), tensors)
 
     # fp16 base: the lora adapter (float32, as PEFT keeps adapters) on float16 weights.
     half = onnx.load(os.path.join(HERE, "base.onnx"))
