@@ -154,6 +154,10 @@ func newDeltaSVD(a, b []float64, in, out, r int, scaling float64) (*deltaSVD, er
 	if math.IsNaN(scaling) || math.IsInf(scaling, 0) {
 		return nil, fmt.Errorf("scaling is %v", scaling)
 	}
+	if r == 0 || in == 0 || out == 0 {
+		// An empty adapter (an adapter-input model's rank-0 default).
+		return &deltaSVD{in: in, out: out}, nil
+	}
 	k1, k2 := min(in, r), min(out, r)
 	qa, ra := thinQR(a, in, r, k1)
 	bt := transposeF64(b, r, out) // out×r

@@ -138,6 +138,9 @@ func Resize(m *graph.Model, opts ResizeOptions) (*ResizeReport, error) {
 		if !sel[f.Module] {
 			continue
 		}
+		if f.Kind != loraBranch {
+			return nil, fmt.Errorf("adapter %s is a %s branch; resize takes LoRA branches whose A, B and scaling are initializers", f.Module, f.Kind.Name)
+		}
 		a, err := m.Float64s(f.TA)
 		if err != nil {
 			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
@@ -351,6 +354,14 @@ func Spectra(m *graph.Model) ([]AdapterSpectrum, error) {
 	}
 	out := make([]AdapterSpectrum, 0, len(found))
 	for _, f := range found {
+		if f.Kind != loraBranch && !f.isInputs() {
+			return nil, fmt.Errorf("adapter %s is a %s branch; spectra are computed for LoRA branches", f.Module, f.Kind.Name)
+		}
+		if f.TA == nil || f.TB == nil || f.Rank == 0 {
+			// Adapter inputs without trained defaults: nothing to decompose.
+			out = append(out, AdapterSpectrum{Module: f.Module, Scaling: f.Scaling, Singular: []float64{}})
+			continue
+		}
 		a, err := m.Float64s(f.TA)
 		if err != nil {
 			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)

@@ -542,3 +542,26 @@ func TestConvertPiSSAToLoRA(t *testing.T) {
 		})
 	}
 }
+
+// TestVariantsAdapterInputs: adapter-input branches have no factors to
+// resize (refused), an empty spectrum, and cannot start from PiSSA.
+func TestVariantsAdapterInputs(t *testing.T) {
+	m := loadModel(t, mgTestModels+"/tiny-gpt.onnx")
+	if _, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"q_proj"}, Rank: 4, Alpha: 8}, AdapterInputs: true}); err != nil {
+		t.Fatal(err)
+	}
+	sp, err := Spectra(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sp) != 2 || len(sp[0].Singular) != 0 {
+		t.Errorf("spectra of rank-0 adapter inputs: %+v", sp)
+	}
+	if _, err := Resize(m, ResizeOptions{Rank: 2}); err == nil || !strings.Contains(err.Error(), "initializers") {
+		t.Errorf("resize of adapter inputs: %v", err)
+	}
+	m2 := loadModel(t, mgTestModels+"/tiny-gpt.onnx")
+	if _, err := Inject(m2, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"q_proj"}, Rank: 4, Alpha: 8}, AdapterInputs: true, Init: InitPiSSA}); err == nil || !strings.Contains(err.Error(), "adapter inputs") {
+		t.Errorf("pissa with adapter inputs: %v", err)
+	}
+}
