@@ -144,6 +144,7 @@ type update struct {
 	rows, cols int
 	r          int
 	u, v       []float64
+	load       func() (u, v []float64, err error) // decodes u and v when they are nil (factors)
 	coef       float64
 	out        []byte // the merged bytes, in memory mode
 	stats      mergeStats
@@ -299,6 +300,9 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 	if err := p.addUpdate(f.Layer, a, b, f.Rank, f.Scaling, rep); err != nil {
 		return err
 	}
+	// A and B are decoded again by the job that merges them, so memory
+	// does not grow with the number of adapters (update.factors).
+	p.updates[len(p.updates)-1].lazyFactors(p.m, f.TA, f.TB)
 	p.branches = append(p.branches, f.branch)
 	return nil
 }
@@ -467,6 +471,10 @@ func transposeF64(x []float64, rows, cols int) []float64 {
 func (p *plan) applyInMemory() (*MergeReport, error) {
 	err := parallel(len(p.updates), func(i int) error {
 		u := p.updates[i]
+		if err := u.factors(); err != nil {
+			return err
+		}
+		defer u.release()
 		src, err := p.m.RawData(u.src)
 		if err != nil {
 			return err

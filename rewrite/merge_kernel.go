@@ -1,6 +1,7 @@
 package rewrite
 
 import (
+	"fmt"
 	"math"
 	"runtime"
 	"sync"
@@ -62,6 +63,51 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 		}
 	}
 	return st
+}
+
+// lazyFactors drops u's decoded factors and has factors decode them again
+// from the adapter's tensors ta [in, r] and tb [r, out] when a job needs
+// them, in u's orientation.
+func (u *update) lazyFactors(m *graph.Model, ta, tb *onnxpb.TensorProto) {
+	transposed, r, rows, cols := u.rep.Transposed, u.r, u.rows, u.cols
+	u.u, u.v = nil, nil
+	u.load = func() ([]float64, []float64, error) {
+		a, err := m.Float64s(ta)
+		if err != nil {
+			return nil, nil, err
+		}
+		b, err := m.Float64s(tb)
+		if err != nil {
+			return nil, nil, err
+		}
+		if len(a)+len(b) != r*(rows+cols) {
+			return nil, nil, fmt.Errorf("adapter factors changed size since the merge was planned")
+		}
+		if transposed {
+			return transposeF64(b, r, rows), transposeF64(a, cols, r), nil
+		}
+		return a, b, nil
+	}
+}
+
+// factors makes sure u's factors are decoded.
+func (u *update) factors() error {
+	if u.u != nil || u.load == nil {
+		return nil
+	}
+	a, b, err := u.load()
+	if err != nil {
+		return err
+	}
+	u.u, u.v = a, b
+	return nil
+}
+
+// release drops factors that factors can decode again.
+func (u *update) release() {
+	if u.load != nil {
+		u.u, u.v = nil, nil
+	}
 }
 
 // mergeTile is the column tile of mergeRows: r·512 float64 of V (64 KiB at

@@ -297,8 +297,12 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 		if u.srcT {
 			src = transposeRaw(src, graph.DataType(u.src.GetDataType()).BitSize()/8, u.cols, u.rows)
 		}
+		if err := u.factors(); err != nil {
+			return nil, err
+		}
 		u.out = make([]byte, u.rows*u.cols*elemSize(u.dst))
 		u.stats = mergeRows(u.out, src, u, 0, u.rows, make([]float64, 2*u.cols))
+		u.release()
 	}
 
 	if err := p.runJobs(path, jobs, pw.Data, files, sources); err != nil {
@@ -345,6 +349,10 @@ func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*u
 		return nil
 	}
 	u := j.upd
+	if err := u.factors(); err != nil {
+		return err
+	}
+	defer u.release()
 	src := sources[u]
 	sw := graph.DataType(u.src.GetDataType()).BitSize() / 8
 	dw := elemSize(u.dst)
@@ -367,10 +375,12 @@ func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*u
 		rows = 1
 	}
 	scratch := make([]float64, 2*u.cols)
-	dbuf := make([]byte, int64(rows)*dstRow)
+	dbuf := getBuf(int64(rows) * dstRow)
+	defer putBuf(dbuf)
 	var sbuf []byte
 	if whole == nil {
-		sbuf = make([]byte, int64(rows)*srcRow)
+		sbuf = getBuf(int64(rows) * srcRow)
+		defer putBuf(sbuf)
 	}
 	for p0 := 0; p0 < u.rows; p0 += rows {
 		n := min(rows, u.rows-p0)
@@ -396,6 +406,27 @@ func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*u
 		}
 	}
 	return nil
+}
+
+// chunkBufs holds the chunk buffers of finished jobs for the next ones, so
+// the merge allocates about one pair per worker instead of one per weight.
+var chunkBufs sync.Pool
+
+// getBuf returns a buffer of n bytes, of capacity streamChunk when it fits.
+func getBuf(n int64) []byte {
+	if n <= streamChunk {
+		if b, ok := chunkBufs.Get().(*[]byte); ok {
+			return (*b)[:n]
+		}
+		return make([]byte, n, streamChunk)
+	}
+	return make([]byte, n)
+}
+
+func putBuf(b []byte) {
+	if cap(b) == streamChunk {
+		chunkBufs.Put(&b)
+	}
 }
 
 // fileSet keeps the input data files open for concurrent reads.
