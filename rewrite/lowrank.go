@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/rand/v2"
 
+	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/lapack/lapack64"
 	"gonum.org/v1/gonum/mat"
@@ -20,36 +21,54 @@ import (
 // upper trapezoidal), k <= min(m, n). It is LAPACK's geqrf + orgqr, the
 // factorization torch.linalg.qr computes, with its sign convention (R's
 // diagonal has the sign opposite to the pivot column's leading element).
+// Only k Householder steps are taken: the first k reflectors come from the
+// first k columns alone, and they fix the first k rows of R, so the cost is
+// O(m·n·k), not O(m·n²).
 func thinQR(a []float64, m, n, k int) (q, r []float64) {
-	p := min(m, n)
-	if k > p || k < 0 {
+	if k > min(m, n) || k < 0 {
 		panic(fmt.Sprintf("thinQR: k=%d for a %dx%d matrix", k, m, n))
 	}
-	work := append([]float64(nil), a...)
-	g := blas64.General{Rows: m, Cols: n, Stride: n, Data: work}
-	tau := make([]float64, p)
-	opt := make([]float64, 1)
-	lapack64.Geqrf(g, tau, opt, -1)
-	buf := make([]float64, max(int(opt[0]), m, n, 1))
-	lapack64.Geqrf(g, tau, buf, len(buf))
-	r = make([]float64, k*n)
-	for i := 0; i < k; i++ {
-		for j := i; j < n; j++ {
-			r[i*n+j] = work[i*n+j]
-		}
-	}
-	// Q's first k columns depend only on the first k reflectors.
 	q = make([]float64, m*k)
-	for i := 0; i < m; i++ {
-		copy(q[i*k:(i+1)*k], work[i*n:i*n+k])
-	}
+	r = make([]float64, k*n)
 	if k == 0 {
 		return q, r
 	}
-	qg := blas64.General{Rows: m, Cols: k, Stride: k, Data: q}
-	lapack64.Orgqr(qg, tau[:k], opt, -1)
-	buf = make([]float64, max(int(opt[0]), k, 1))
-	lapack64.Orgqr(qg, tau[:k], buf, len(buf))
+	// The panel: the first k columns, factored in place.
+	for i := 0; i < m; i++ {
+		copy(q[i*k:(i+1)*k], a[i*n:i*n+k])
+	}
+	panel := blas64.General{Rows: m, Cols: k, Stride: k, Data: q}
+	tau := make([]float64, k)
+	opt := make([]float64, 1)
+	lapack64.Geqrf(panel, tau, opt, -1)
+	work := make([]float64, max(int(opt[0]), m, n, 1))
+	lapack64.Geqrf(panel, tau, work, len(work))
+	for i := 0; i < k; i++ {
+		for j := i; j < k; j++ {
+			r[i*n+j] = q[i*k+j]
+		}
+	}
+	// The rest of R's first k rows: the first k rows of Qᵀ·a[:, k:].
+	if rest := n - k; rest > 0 {
+		c := make([]float64, m*rest)
+		for i := 0; i < m; i++ {
+			copy(c[i*rest:(i+1)*rest], a[i*n+k:(i+1)*n])
+		}
+		cg := blas64.General{Rows: m, Cols: rest, Stride: rest, Data: c}
+		lapack64.Ormqr(blas.Left, blas.Trans, panel, tau, cg, opt, -1)
+		if need := int(opt[0]); need > len(work) {
+			work = make([]float64, need)
+		}
+		lapack64.Ormqr(blas.Left, blas.Trans, panel, tau, cg, work, len(work))
+		for i := 0; i < k; i++ {
+			copy(r[i*n+k:(i+1)*n], c[i*rest:(i+1)*rest])
+		}
+	}
+	lapack64.Orgqr(panel, tau, opt, -1)
+	if need := int(opt[0]); need > len(work) {
+		work = make([]float64, need)
+	}
+	lapack64.Orgqr(panel, tau, work, len(work))
 	return q, r
 }
 
