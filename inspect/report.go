@@ -204,6 +204,12 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
+	if man == nil {
+		// Metadata stripped: the adapters are found by their branches.
+		if rec, err := rewrite.RecognizedAdapters(m); err == nil && len(rec) > 0 {
+			man = &rewrite.Manifest{Adapters: rec}
+		}
+	}
 	adapted := map[string]*rewrite.Adapter{}
 	if man != nil {
 		for i := range man.Adapters {

@@ -108,6 +108,15 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 		return nil, err
 	}
 	if man == nil {
+		// Metadata stripped: the branches are still there, and a new
+		// manifest would leave them out (or stack a second adapter).
+		rec, err := RecognizedAdapters(m)
+		if err != nil {
+			return nil, err
+		}
+		if len(rec) > 0 {
+			return nil, fmt.Errorf("the model has %d LoRA branch(es) (the first on %s) but no manifest, so its metadata was stripped; merge them first (merge finds them by their shape), then inject", len(rec), rec[0].Module)
+		}
 		man = &Manifest{}
 	}
 	if cfg.AdapterInputs {
