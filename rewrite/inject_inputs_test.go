@@ -144,3 +144,42 @@ func TestInjectAdapterInputsErrors(t *testing.T) {
 		t.Error("a manifest with the wrong mode was accepted")
 	}
 }
+
+// TestAdapterInputsDropoutAndTransA: the optional nodes of the kind (a
+// Dropout, the Transpose for Gemm transA) are built, recognized with the
+// manifest stripped, and removed by a merge that gives back the base.
+func TestAdapterInputsDropoutAndTransA(t *testing.T) {
+	for name, path := range map[string]string{
+		"gemm-transb": testutil.TestModel("mlp-gemm-transb.onnx"),
+		"gemm-transa": mgBuildGemmTransA(t, t.TempDir()),
+	} {
+		t.Run(name, func(t *testing.T) {
+			base := loadModel(t, path)
+			m := loadModel(t, path)
+			cfg := adapterInputsConfig()
+			cfg.Dropout = 0.1
+			inj, err := Inject(m, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m.DeleteMetadata(ManifestKey)
+			found, _, _, err := findAdapters(m, m.Graph())
+			if err != nil || len(found) != len(inj.Manifest.Adapters) {
+				t.Fatalf("recognized %d of %d: %v", len(found), len(inj.Manifest.Adapters), err)
+			}
+			for _, f := range found {
+				if !f.isInputs() || f.branch.Dropout == nil || float32(f.Dropout) != 0.1 {
+					t.Errorf("%s: inputs %v, dropout %v (%g)", f.Module, f.isInputs(), f.branch.Dropout != nil, f.Dropout)
+				}
+				if f.Base.GetOpType() == "Gemm" && (f.node("Transpose_A") != nil) != (name == "gemm-transa") {
+					t.Errorf("%s: transpose %v", f.Module, f.node("Transpose_A") != nil)
+				}
+			}
+			rep, err := Merge(m, MergeOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			mgCheckSameAsBase(t, base, m, rep)
+		})
+	}
+}
