@@ -134,6 +134,7 @@ func removeOurs(dir string, ours map[string]bool) {
 // syncDir syncs a folder so that renames in it are durable. Some file
 // systems refuse to sync a folder; that is not worth failing a write for.
 func syncDir(dir string) {
+	slowSync()
 	if d, err := os.Open(dir); err == nil {
 		d.Sync()
 		d.Close()
@@ -142,6 +143,7 @@ func syncDir(dir string) {
 
 // finishFile syncs and closes a file.
 func finishFile(f *os.File) error {
+	slowSync()
 	if err := f.Sync(); err != nil {
 		f.Close()
 		return err
@@ -339,6 +341,9 @@ func (p *PairWriter) CommitWith(write func(*os.File) error, withData bool) (err 
 			os.Remove(modelTmp)
 			return fmt.Errorf("%s: %w", dataPath, unwrapLinkError(err))
 		}
+		// Durable before the model's rename: after a power cut the model
+		// must not be found without its data.
+		syncDir(dir)
 	}
 	if err := os.Rename(modelTmp, p.path); err != nil {
 		os.Remove(modelTmp)

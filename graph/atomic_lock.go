@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // destLock is the exclusive lock of one destination's writers (see the
@@ -182,5 +183,23 @@ func (s *StagedFile) Abort() {
 	if s.tmp != "" {
 		os.Remove(s.tmp)
 		s.tmp = ""
+	}
+}
+
+// syncDelay makes every fsync of the atomic writer wait this long first
+// (ONNXLORA_DEBUG_SYNC_DELAY, a Go duration such as 20ms): a slow disk for
+// the crash tests, which then kill writers inside the windows between
+// syncs and renames. Unset, it is zero.
+var syncDelay = func() time.Duration {
+	d, err := time.ParseDuration(os.Getenv("ONNXLORA_DEBUG_SYNC_DELAY"))
+	if err != nil || d < 0 || d > time.Minute {
+		return 0
+	}
+	return d
+}()
+
+func slowSync() {
+	if syncDelay > 0 {
+		time.Sleep(syncDelay)
 	}
 }
