@@ -151,7 +151,9 @@ func WriteSpectraPlot(path string, r *SpectraReport) error {
 	if drawn == 0 {
 		return errors.New("plot: no adapter has a non-zero singular value (untrained adapters have B = 0)")
 	}
-	p.Legend.Top = true
+	// Spectra fall from left to right: the bottom left corner is free.
+	p.Legend.Top, p.Legend.Left = false, true
+	p.Legend.YOffs = vg.Centimeter / 2
 	wt, err := p.WriterTo(18*vg.Centimeter, 12*vg.Centimeter, format)
 	if err != nil {
 		return fmt.Errorf("plot: %w", err)
