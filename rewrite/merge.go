@@ -249,26 +249,33 @@ func planMerge(m *graph.Model, opts MergeOptions) (*plan, error) {
 	return p, nil
 }
 
-// selectModules resolves Only against the adapters found.
+// selectModules resolves Only against the adapters found: each entry
+// selects the adapters whose module path equals it or ends with "." + it
+// (the rule of Targets, so "q_proj" selects every q_proj); an entry that
+// selects nothing, or is blank, is an error.
 func selectModules(found []*foundAdapter, only []string) (map[string]bool, error) {
 	sel := map[string]bool{}
-	have := map[string]bool{}
-	for _, f := range found {
-		have[f.Module] = true
-	}
 	if len(only) == 0 {
-		return have, nil
+		for _, f := range found {
+			sel[f.Module] = true
+		}
+		return sel, nil
 	}
 	var missing []string
 	for _, o := range only {
 		o = strings.TrimSpace(o)
 		if o == "" {
-			continue
+			return nil, errors.New("an empty module name was given to select")
 		}
-		if !have[o] {
+		hit := false
+		for _, f := range found {
+			if f.Module == o || strings.HasSuffix(f.Module, "."+o) {
+				sel[f.Module], hit = true, true
+			}
+		}
+		if !hit {
 			missing = append(missing, o)
 		}
-		sel[o] = true
 	}
 	if len(missing) > 0 {
 		var mods []string

@@ -328,8 +328,22 @@ func TestMergeOnlyKeepsTheRestLive(t *testing.T) {
 	}
 	mgSameTensors(t, rest, all)
 
-	if _, err := Merge(loadModel(t, injPath), MergeOptions{Only: []string{"q_proj"}}); err == nil || !strings.Contains(err.Error(), "no adapter for module(s) q_proj") {
+	// Only takes suffixes as Targets does: "q_proj" is every q_proj, "proj"
+	// (not a dotted suffix) nothing.
+	qrep, err := Merge(loadModel(t, injPath), MergeOptions{Only: []string{"q_proj"}})
+	if err != nil || len(qrep.Merged) == 0 {
+		t.Fatalf("Only q_proj: %v", err)
+	}
+	for _, ml := range qrep.Merged {
+		if !strings.HasSuffix(ml.Module, ".q_proj") {
+			t.Errorf("Only q_proj merged %s", ml.Module)
+		}
+	}
+	if _, err := Merge(loadModel(t, injPath), MergeOptions{Only: []string{"proj"}}); err == nil || !strings.Contains(err.Error(), "no adapter for module(s) proj") {
 		t.Errorf("unknown module: %v", err)
+	}
+	if _, err := Merge(loadModel(t, injPath), MergeOptions{Only: []string{" "}}); err == nil || !strings.Contains(err.Error(), "empty module name") {
+		t.Errorf("blank module: %v", err)
 	}
 }
 
