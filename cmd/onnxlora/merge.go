@@ -96,7 +96,7 @@ fraction of the model's size.`,
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "file to write the merged model to")
 	fl.StringVar(&opts.Adapter, "adapter", "", "a PEFT adapter directory or an .onnx_adapter file to apply to MODEL instead of its own adapters")
-	fl.StringSliceVar(&opts.Only, "only", nil, "merge only these modules (module paths; PEFT module names with --adapter); the others stay live")
+	fl.StringSliceVar(&opts.Only, "only", nil, "merge only these modules: paths or dotted suffixes as in --target (q_proj is every q_proj; PEFT module paths with --adapter); the others stay live")
 	fl.StringSliceVar(&opts.AdapterNames, "adapter-name", nil, "same as --only; the two lists add up")
 	fl.StringArrayVar(&opts.Maps, "map", nil, "with --adapter: rename PEFT module paths, `FROM=TO` (a regex; $1 or \\1 for groups), repeatable, applied in order")
 	fl.StringVar(&opts.MapFile, "map-file", "", "with --adapter: module map rules from a JSON or YAML file ({FROM: TO} or [{from, to}]), applied before --map")
