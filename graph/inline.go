@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 
@@ -67,27 +68,30 @@ var tensorName = (&onnxpb.TensorProto{}).ProtoReflect().Descriptor().FullName()
 const rawDataField = 9
 
 // loadFile parses the model file f (of st.Size() bytes), with lazy inline
-// weights when asked. The file is then mapped, not read, where the system allows, so only
-// the pages holding the graph are touched.
+// weights when asked. Then the file is read in small windows (pread), not
+// mapped, skipping the weights: mapping it would let the kernel map whole
+// large folios of weights around each page read, counted as ours.
 func loadFile(f *os.File, st os.FileInfo, dir string, lazy bool) (*Model, error) {
 	if !lazy {
-		data, _, err := readFile(f, st.Size())
+		data, err := readAll(f, st.Size())
 		if err != nil {
 			return nil, err
 		}
 		return parse(data, dir)
 	}
-	data, unmap, err := mapFile(f, st.Size())
-	if err != nil {
-		return nil, err
-	}
-	defer unmap()
 	key := newKey()
-	s := &scanner{data: data, key: key}
-	compact, serr := s.message(data, 0, (&onnxpb.ModelProto{}).ProtoReflect().Descriptor(), 0)
+	s := &scanner{r: &window{f: f, size: st.Size()}, key: key}
+	compact, serr := s.message(0, st.Size(), (&onnxpb.ModelProto{}).ProtoReflect().Descriptor(), 0)
+	if serr != nil && !errors.Is(serr, errScan) {
+		return nil, serr
+	}
 	if serr != nil || len(s.spans) == 0 {
 		// Nothing to leave out, or wire bytes the scanner could not follow:
 		// the protobuf library reads (or rejects) the whole file itself.
+		data, err := readAll(f, st.Size())
+		if err != nil {
+			return nil, err
+		}
 		return parse(data, dir)
 	}
 	src := &inlineSource{path: f.Name(), info: st, spans: s.spans}
@@ -104,72 +108,163 @@ func loadFile(f *os.File, st os.FileInfo, dir string, lazy bool) (*Model, error)
 	return m, nil
 }
 
+func readAll(f *os.File, size int64) ([]byte, error) {
+	data := make([]byte, size)
+	if _, err := f.ReadAt(data, 0); err != nil && !(errors.Is(err, io.EOF) && size == 0) {
+		return nil, err
+	}
+	return data, nil
+}
+
+// window reads a file through a small buffer, for the scanner's headers.
+type window struct {
+	f    io.ReaderAt
+	size int64
+	buf  []byte
+	off  int64 // file offset of buf[0]
+}
+
+const windowSize = 64 << 10
+
+// peek returns up to n bytes at off (fewer at the end of the file).
+func (w *window) peek(off int64, n int) ([]byte, error) {
+	if off >= w.off && off+int64(n) <= w.off+int64(len(w.buf)) {
+		return w.buf[off-w.off : off-w.off+int64(n)], nil
+	}
+	size := min(int64(max(n, windowSize)), w.size-off)
+	if size < 0 {
+		size = 0
+	}
+	if int64(cap(w.buf)) < size {
+		w.buf = make([]byte, size)
+	}
+	w.buf = w.buf[:size]
+	w.off = off
+	got, err := w.f.ReadAt(w.buf, off)
+	if got < int(size) {
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return w.buf[:min(int64(n), size)], nil
+}
+
+// appendRange appends the n file bytes at off to b.
+func (w *window) appendRange(b []byte, off, n int64) ([]byte, error) {
+	if n <= windowSize {
+		v, err := w.peek(off, int(n))
+		if err != nil {
+			return nil, err
+		}
+		if int64(len(v)) < n {
+			return nil, errScan
+		}
+		return append(b, v...), nil
+	}
+	l := len(b)
+	b = append(b, make([]byte, n)...)
+	if _, err := w.f.ReadAt(b[l:], off); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
 // scanner rewrites a serialized model, leaving out large raw_data fields.
 type scanner struct {
-	data  []byte
+	r     *window
 	key   uint64
 	spans []inlineSpan
 }
 
+// errScan means bytes the scanner does not follow (malformed, or groups);
+// Load then hands the whole file to the protobuf library.
 var errScan = errors.New("malformed protobuf")
 
-// message returns the message b (found at offset base of the file) with
-// large raw_data fields replaced by markers, or nil when nothing in it
-// changed.
-func (s *scanner) message(b []byte, base int, md protoreflect.MessageDescriptor, depth int) ([]byte, error) {
+// header reads the tag at off and, for a length-delimited field, its
+// length: it returns the field number, wire type, the header's size and
+// the value's length (for other types, the size of the value).
+func (s *scanner) header(off, end int64) (protowire.Number, protowire.Type, int, int64, error) {
+	h, err := s.r.peek(off, int(min(20, end-off)))
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	num, typ, n := protowire.ConsumeTag(h)
+	if n < 0 {
+		return 0, 0, 0, 0, errScan
+	}
+	switch typ {
+	case protowire.BytesType:
+		l, m := protowire.ConsumeVarint(h[n:])
+		if m < 0 || l > uint64(end-off) {
+			return 0, 0, 0, 0, errScan
+		}
+		return num, typ, n + m, int64(l), nil
+	case protowire.VarintType, protowire.Fixed32Type, protowire.Fixed64Type:
+		m := protowire.ConsumeFieldValue(num, typ, h[n:])
+		if m < 0 {
+			return 0, 0, 0, 0, errScan
+		}
+		return num, typ, n, int64(m), nil
+	}
+	return 0, 0, 0, 0, errScan // groups: not in ONNX
+}
+
+// message returns the message at [off, end) of the file with large
+// raw_data fields replaced by markers.
+func (s *scanner) message(off, end int64, md protoreflect.MessageDescriptor, depth int) ([]byte, error) {
 	if depth > 10000 { // protobuf's own recursion limit
 		return nil, errScan
 	}
 	tensor := md.FullName() == tensorName
-	if tensor && countField(b, rawDataField) != 1 {
-		tensor = false // several raw_data fields (the last wins): leave them to protobuf
-	}
-	fields := md.Fields()
-	var out []byte
-	last := 0
-	for i := 0; i < len(b); {
-		num, typ, n := protowire.ConsumeTag(b[i:])
-		if n < 0 {
-			return nil, errScan
-		}
-		start := i
-		i += n
-		if typ != protowire.BytesType {
-			m := protowire.ConsumeFieldValue(num, typ, b[i:])
-			if m < 0 {
-				return nil, errScan
-			}
-			i += m
-			continue
-		}
-		v, m := protowire.ConsumeBytes(b[i:])
-		if m < 0 {
-			return nil, errScan
-		}
-		vstart := i + m - len(v)
-		i += m
-		var repl []byte
-		switch fd := fields.ByNumber(num); {
-		case tensor && num == rawDataField && len(v) >= lazyMin:
-			repl = s.marker(int64(base+vstart), int64(len(v)))
-		case fd != nil && fd.Message() != nil:
-			sub, err := s.message(v, base+vstart, fd.Message(), depth+1)
+	if tensor {
+		// Several raw_data fields (the last wins): leave them to protobuf.
+		c := 0
+		for pos := off; pos < end; {
+			num, typ, hl, vl, err := s.header(pos, end)
 			if err != nil {
 				return nil, err
 			}
-			if sub != nil {
-				repl = protowire.AppendBytes(protowire.AppendTag(nil, num, protowire.BytesType), sub)
+			if num == rawDataField && typ == protowire.BytesType {
+				c++
+			}
+			pos += int64(hl) + vl
+		}
+		tensor = c == 1
+	}
+	fields := md.Fields()
+	var out []byte
+	for pos := off; pos < end; {
+		num, typ, hl, vl, err := s.header(pos, end)
+		if err != nil {
+			return nil, err
+		}
+		next := pos + int64(hl) + vl
+		if next > end {
+			return nil, errScan
+		}
+		if typ == protowire.BytesType {
+			switch fd := fields.ByNumber(num); {
+			case tensor && num == rawDataField && vl >= int64(lazyMin):
+				out = append(out, s.marker(pos+int64(hl), vl)...)
+				pos = next
+				continue
+			case fd != nil && fd.Message() != nil:
+				sub, err := s.message(pos+int64(hl), next, fd.Message(), depth+1)
+				if err != nil {
+					return nil, err
+				}
+				out = protowire.AppendBytes(protowire.AppendTag(out, num, protowire.BytesType), sub)
+				pos = next
+				continue
 			}
 		}
-		if repl != nil {
-			out = append(append(out, b[last:start]...), repl...)
-			last = i
+		if out, err = s.r.appendRange(out, pos, next-pos); err != nil {
+			return nil, err
 		}
+		pos = next
 	}
-	if out == nil {
-		return nil, nil
-	}
-	return append(out, b[last:]...), nil
+	return out, nil
 }
 
 // marker records a range and returns the unknown field that stands for it.
@@ -184,27 +279,6 @@ func appendMarker(b []byte, key, idx uint64) []byte {
 	b = protowire.AppendVarint(b, 16)
 	b = binary.LittleEndian.AppendUint64(b, key)
 	return binary.LittleEndian.AppendUint64(b, idx)
-}
-
-// countField counts the occurrences of field num in message b (stopping at
-// malformed bytes, which the caller then reports).
-func countField(b []byte, num protowire.Number) int {
-	c := 0
-	for len(b) > 0 {
-		n2, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return c
-		}
-		m := protowire.ConsumeFieldValue(n2, typ, b[n:])
-		if m < 0 {
-			return c
-		}
-		if n2 == num {
-			c++
-		}
-		b = b[n+m:]
-	}
-	return c
 }
 
 // inlineRef returns the file range a lazy tensor's data is in. A tensor is
