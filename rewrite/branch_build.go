@@ -114,6 +114,11 @@ func (k *branchKind) build(bb branchBuilder) (*builtBranch, error) {
 		for _, a := range spec.Attrs {
 			attrs = append(attrs, proto.Clone(a).(*onnxpb.AttributeProto))
 		}
+		for _, name := range spec.BaseAttrs {
+			if a := graph.Attr(bb.Base, name); a != nil {
+				attrs = append(attrs, proto.Clone(a).(*onnxpb.AttributeProto))
+			}
+		}
 		for _, op := range spec.In {
 			if op.Kind == fromParam {
 				if _, made := out.Params[op.Ref]; !made {

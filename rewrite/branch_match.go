@@ -254,6 +254,8 @@ func paramTensor(g *graph.Graph, p *branchParam, v string) *onnxpb.TensorProto {
 		return constant2D(g, v)
 	case paramScalar:
 		return scalarConstant(g, v)
+	case paramKernel:
+		return constantKernel(g, v)
 	}
 	return nil
 }
@@ -361,7 +363,7 @@ func (m *matcher) fitDims(bm *branchMatch) bool {
 		if len(p.Dims) == 0 || t == nil {
 			continue
 		}
-		if len(t.Dims) != len(p.Dims) {
+		if len(t.Dims) != len(p.Dims) && (p.Class != paramKernel || len(t.Dims) < len(p.Dims)) {
 			return false
 		}
 		for j, sym := range p.Dims {

@@ -131,6 +131,9 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 		adapted[a.Module] = true
 	}
 	inj := &Injection{Manifest: man}
+	if err := checkLayerKinds(layers, sel, cfg); err != nil {
+		return nil, err
+	}
 	// PiSSA/OLoRA: factors from the weights, residuals into the base.
 	if cfg.factors, err = baseInit(m, layers, sel, cfg, adapted); err != nil {
 		return nil, err
@@ -167,7 +170,7 @@ func CountParams(m *graph.Model, man *Manifest) (trainable, all int64) {
 		man = &Manifest{}
 	}
 	for _, a := range man.Adapters {
-		trainable += int64(a.Rank) * (a.InFeatures + a.OutFeatures)
+		trainable += adapterParams(&a)
 		constants[a.ScalingTensor] = true
 		constants[a.DropoutRatio] = true
 	}
@@ -198,6 +201,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	}
 	r := int64(rank)
 	kind := loraBranch
+	if l.Op == opConv {
+		kind, a.Kernel = convBranch, l.Kernel
+	}
 	if cfg.AdapterInputs {
 		kind = adapterInputBranch
 		a.Mode, a.Rank, a.Alpha, a.Scaling, a.RSLoRA = ModeAdapterInputs, 0, 0, 1, false
@@ -215,10 +221,15 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 			return name, nil, err
 		}
 		switch p.Name {
-		case "A":
-			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_A.weight"), l.DType, []int64{l.In, r}, loraAValues(l, r, cfg))
-		case "B":
-			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_B.weight"), l.DType, []int64{r, l.Out}, loraBValues(l, r, cfg))
+		case "A", "B":
+			dims, vals := []int64{l.In, r}, loraAValues(l, r, cfg)
+			if p.Name == "B" {
+				dims, vals = []int64{r, l.Out}, loraBValues(l, r, cfg)
+			}
+			if l.Op == opConv {
+				dims, vals = convFactor(l, p.Name, r, cfg)
+			}
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_"+p.Name+".weight"), l.DType, dims, vals)
 		case "S":
 			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), l.DType, nil, []float64{scaling})
 		case "ratio":

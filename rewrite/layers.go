@@ -35,6 +35,20 @@ type Layer struct {
 	Shared bool
 	// OutputHead is true when the layer's output is a graph output.
 	OutputHead bool
+	// Kernel is a Conv layer's spatial kernel shape (the weight's dims
+	// after [out, in]); nil for MatMul and Gemm. A Conv layer's In and Out
+	// are its input and output channels.
+	Kernel []int64
+}
+
+// KernelSize is the number of kernel positions of a Conv layer (the
+// product of Kernel), 1 for other layers.
+func (l *Layer) KernelSize() int64 {
+	k := int64(1)
+	for _, d := range l.Kernel {
+		k *= d
+	}
+	return k
 }
 
 // WeightName returns the name of the constant behind the layer's weight.
@@ -53,7 +67,7 @@ type Skipped struct {
 	Reason string `json:"reason"`
 }
 
-// FindLayers lists every adaptable MatMul and Gemm in the model, in graph
+// FindLayers lists every adaptable MatMul, Gemm and Conv in the model, in graph
 // order with subgraphs after the node that holds them, and the MatMul-like
 // nodes it passed over with the reason. Nodes that belong to LoRA branches
 // of the manifest are neither.
@@ -99,6 +113,9 @@ func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 	op := n.GetOpType()
 	if reason, ok := matmulLike[op]; ok && (n.GetDomain() == "com.microsoft" || op == "MatMulInteger" || op == "QLinearMatMul") {
 		return nil, reason
+	}
+	if op == opConv && graph.IsStandardOp(n) && len(n.Input) >= 2 {
+		return convLayerOf(g, n)
 	}
 	if (op != "MatMul" && op != "Gemm") || !graph.IsStandardOp(n) || len(n.Input) < 2 {
 		return nil, ""
@@ -201,7 +218,7 @@ func nodeDisplayName(n *onnxpb.NodeProto) string {
 func Candidates(layers []*Layer) []Candidate {
 	c := make([]Candidate, len(layers))
 	for i, l := range layers {
-		c[i] = Candidate{Module: l.Module, OutputHead: l.OutputHead}
+		c[i] = Candidate{Module: l.Module, OutputHead: l.OutputHead, NotLinear: l.Op == opConv}
 	}
 	return c
 }

@@ -66,6 +66,9 @@ type Adapter struct {
 	ScalingTensor string `json:"scaling_tensor"`
 	// Nodes are the names of the branch's nodes.
 	Nodes []string `json:"nodes"`
+	// Kernel is a Conv layer's spatial kernel shape: lora_A is then
+	// [r, in, kernel…] and lora_B [out, r, 1…] (PEFT's Conv LoRA layout).
+	Kernel []int64 `json:"kernel,omitempty"`
 	// Mode is how the factors are held: "" for initializers with a
 	// scaling node, ModeAdapterInputs for graph inputs with rank-0
 	// defaults and the scaling in B (Rank, Alpha then say nothing: the

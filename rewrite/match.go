@@ -141,6 +141,9 @@ type Candidate struct {
 	// classifier): AllLinear skips it, as PEFT skips the output embeddings.
 	// Naming it in Targets still selects it.
 	OutputHead bool
+	// NotLinear marks a Conv layer: AllLinear leaves it out, as PEFT's
+	// all-linear does; naming it selects it.
+	NotLinear bool
 }
 
 // Selection is a candidate chosen for an adapter, with its resolved rank and
@@ -338,7 +341,7 @@ func (s *Selector) judge(c Candidate) verdict {
 	if s.allLinear {
 		if c.OutputHead {
 			headSkipped = true
-		} else {
+		} else if !c.NotLinear {
 			targeted = true
 		}
 	}

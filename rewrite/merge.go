@@ -290,6 +290,9 @@ func selectModules(found []*foundAdapter, only []string) (map[string]bool, error
 // addAdapter plans the merge of one branch: its weight update and the
 // removal of its nodes.
 func (p *plan) addAdapter(f *foundAdapter) error {
+	if f.Kind == convBranch {
+		return p.addConvAdapter(f)
+	}
 	if f.isInputs() && f.Rank == 0 {
 		// Rank-0 defaults add nothing: the branch just goes, W untouched.
 		p.branches = append(p.branches, f.branch)
@@ -402,7 +405,7 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 		u.u, u.v = a, b
 	}
 	dd := u.dst.Dims
-	if len(dd) != 2 || dd[0] != int64(u.rows) || dd[1] != int64(u.cols) {
+	if !matrixOf(dd, u.rows, u.cols) {
 		return fmt.Errorf("weight %q is %v, expected [%d, %d]", u.dst.GetName(), dd, u.rows, u.cols)
 	}
 	rep.Shape = append([]int64(nil), dd...)

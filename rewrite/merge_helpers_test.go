@@ -52,7 +52,8 @@ func mgRandomizeAdapters(t testing.TB, m *graph.Model, seed uint64) {
 				t.Fatalf("adapter %s: initializer %s not found", a.Module, name)
 			}
 			fan := float64(tp.Dims[0])
-			vals := make([]float64, tp.Dims[0]*tp.Dims[1])
+			n, _ := graph.NumElements(tp.Dims) // Conv LoRA factors are kernels
+			vals := make([]float64, n)
 			for i := range vals {
 				vals[i] = (2*rng.Float64() - 1) / math.Sqrt(fan) / math.Sqrt(math.Max(a.Scaling, 1))
 			}

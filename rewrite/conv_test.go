@@ -1,0 +1,230 @@
+package rewrite
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/onnxlora/onnxlora/export"
+	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/graph/onnxpb"
+	"github.com/onnxlora/onnxlora/internal/testutil"
+	"github.com/onnxlora/onnxlora/ortrun"
+	"github.com/onnxlora/onnxlora/ortrun/orttest"
+)
+
+// variantsB returns a path in testdata/variants-b.
+func variantsB(parts ...string) string {
+	return filepath.Join(append([]string{testutil.RepoRoot(), "testdata", "variants-b"}, parts...)...)
+}
+
+type vbTensor struct {
+	Shape []int64   `json:"shape"`
+	Data  []float64 `json:"data"`
+}
+
+type vbExpected struct {
+	Inputs  map[string]vbTensor `json:"inputs"`
+	Outputs map[string]vbTensor `json:"outputs"`
+	Weights map[string]vbTensor `json:"weights"`
+}
+
+func readVB(t *testing.T, c string) vbExpected {
+	t.Helper()
+	raw, err := os.ReadFile(variantsB(c, "expected.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e vbExpected
+	if err := json.Unmarshal(raw, &e); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e vbExpected) inputs(t *testing.T) []ortrun.Tensor {
+	t.Helper()
+	var ins []ortrun.Tensor
+	for name, v := range e.Inputs {
+		ten, err := ortrun.FromFloat64(name, ortrun.Float32, v.Shape, v.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ins = append(ins, ten)
+	}
+	return ins
+}
+
+// output returns one expected output under the model's output name.
+func (e vbExpected) output(key, name string) map[string][]float64 {
+	return map[string][]float64{name: e.Outputs[key].Data}
+}
+
+// setInitializer overwrites an initializer of m with vals.
+func setInitializer(t *testing.T, m *graph.Model, name string, vals []float64) {
+	t.Helper()
+	var tp *onnxpb.TensorProto
+	m.Graph().Walk(func(s *graph.Graph) {
+		if x, _ := s.Initializer(name); x != nil {
+			tp = x
+		}
+	})
+	if tp == nil {
+		t.Fatalf("no initializer %s", name)
+	}
+	if err := graph.SetFloat64s(tp, vals); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loadPEFTTensors reads every tensor of an adapter dir's safetensors file.
+func loadPEFTTensors(t *testing.T, dir string) map[string][]float64 {
+	t.Helper()
+	f, err := export.OpenSafetensors(filepath.Join(dir, export.PEFTWeightsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	out := map[string][]float64{}
+	for _, n := range f.Names() {
+		v, err := f.ReadFloat64(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[n] = v
+	}
+	return out
+}
+
+func TestFindLayersConv(t *testing.T) {
+	m := loadModel(t, variantsB("conv.onnx"))
+	layers, skipped := FindLayers(m)
+	var got []string
+	for _, l := range layers {
+		got = append(got, l.Module)
+	}
+	if !slices.Equal(got, []string{"pw", "body"}) {
+		t.Fatalf("layers %v, want [pw body]", got)
+	}
+	if l := layers[1]; l.In != 8 || l.Out != 6 || !slices.Equal(l.Kernel, []int64{3, 3}) || l.Op != "Conv" {
+		t.Errorf("body: in %d out %d kernel %v op %s", l.In, l.Out, l.Kernel, l.Op)
+	}
+	if len(skipped) != 1 || !strings.Contains(skipped[0].Reason, "group=2") || skipped[0].Op != "Conv" {
+		t.Errorf("skipped %+v, want the grouped dw Conv", skipped)
+	}
+	// all-linear leaves Conv layers out, as PEFT's does.
+	if _, err := Inject(m, allLinear(4, 8)); err == nil {
+		t.Error("all-linear selected Conv layers")
+	}
+}
+
+// convInjected injects Conv LoRA on pw and body with the PEFT fixture's
+// factors in place of the initial ones.
+func convInjected(t *testing.T) (*graph.Model, *Injection) {
+	t.Helper()
+	m := loadModel(t, variantsB("conv.onnx"))
+	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"pw", "body"}, Rank: 4, Alpha: 8}, Seed: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peft := loadPEFTTensors(t, variantsB("conv", "adapter"))
+	for _, a := range inj.Manifest.Adapters {
+		setInitializer(t, m, a.LoraA, peft["base_model.model."+a.Module+".lora_A.weight"])
+		setInitializer(t, m, a.LoraB, peft["base_model.model."+a.Module+".lora_B.weight"])
+	}
+	return m, inj
+}
+
+func TestInjectConvShapes(t *testing.T) {
+	m := loadModel(t, variantsB("conv.onnx"))
+	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"body"}, Rank: 4, Alpha: 8}, Seed: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := inj.Manifest.Adapters[0]
+	ta, _ := m.Graph().Initializer(a.LoraA)
+	tb, _ := m.Graph().Initializer(a.LoraB)
+	if !slices.Equal(ta.Dims, []int64{4, 8, 3, 3}) || !slices.Equal(tb.Dims, []int64{6, 4, 1, 1}) {
+		t.Fatalf("A %v B %v", ta.Dims, tb.Dims)
+	}
+	// PEFT's kaiming_uniform_(a=√5) on a Conv: bound 1/√(in·kh·kw).
+	av, _ := m.Float64s(ta)
+	bound := 1 / 8.48528137423857 // √72
+	for _, v := range av {
+		if v < -bound || v > bound {
+			t.Fatalf("A value %v outside ±%v", v, bound)
+		}
+	}
+	if want := int64(4 * (8*9 + 6)); inj.Trainable != want {
+		t.Errorf("trainable %d, want %d", inj.Trainable, want)
+	}
+	// Conv_A carries the layer's stride and padding.
+	var convA *onnxpb.NodeProto
+	for _, n := range m.Graph().Proto.Node {
+		if strings.HasSuffix(n.GetName(), "/lora/Conv_A") {
+			convA = n
+		}
+	}
+	if convA == nil || !slices.Equal(graph.AttrInts(convA, "strides"), []int64{2, 2}) || !slices.Equal(graph.AttrInts(convA, "pads"), []int64{1, 1, 1, 1}) {
+		t.Fatalf("Conv_A %v", convA)
+	}
+}
+
+// TestConvLoRAInORT: the injected Conv LoRA computes PEFT's forward
+// (torch, float64) within 1e-5; merging gives the same outputs within 1e-6
+// and torch's merged kernels; the PEFT dir applied with ApplyPEFT equals
+// torch's merge; the recognized branch (manifest stripped) merges the same.
+func TestConvLoRAInORT(t *testing.T) {
+	orttest.Require(t)
+	e := readVB(t, "conv")
+	ins := e.inputs(t)
+	dir := t.TempDir()
+	m, _ := convInjected(t)
+	injected := mgSaveModel(t, m, filepath.Join(dir, "injected.onnx"))
+	got := runModel(t, injected, ins)
+	if vtRel(t, e.output("base", "y"), e.output("unmerged", "y")) < 1e-2 {
+		t.Fatal("the adapter hardly changes the output; the test would prove nothing")
+	}
+	if rel := vtRel(t, got, e.output("unmerged", "y")); rel > 1e-5 {
+		t.Fatalf("injected vs torch PEFT forward: rel %g", rel)
+	} else {
+		t.Logf("injected vs torch PEFT forward: rel %.2g", rel)
+	}
+	if _, err := Merge(m, MergeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	merged := mgSaveModel(t, m, filepath.Join(dir, "merged.onnx"))
+	if rel := vtRel(t, runModel(t, merged, ins), got); rel > 1e-6 {
+		t.Errorf("merged vs unmerged: rel %g", rel)
+	} else {
+		t.Logf("merged vs unmerged: rel %.2g", rel)
+	}
+	for name, w := range e.Weights {
+		tp, _ := m.Graph().Initializer(name)
+		if tp == nil {
+			t.Fatalf("merged model has no %s", name)
+		}
+		v, _ := m.Float64s(tp)
+		if rel := vtRel(t, map[string][]float64{name: v}, map[string][]float64{name: w.Data}); rel > 1e-6 {
+			t.Errorf("%s vs torch's merge: rel %g", name, rel)
+		}
+	}
+
+	// Recognition: the same branch with the manifest gone merges the same.
+	m2, _ := convInjected(t)
+	m2.DeleteMetadata(ManifestKey)
+	rep, err := Merge(m2, MergeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Merged) != 2 {
+		t.Fatalf("recognized %d adapters, want 2", len(rep.Merged))
+	}
+	rec := mgSaveModel(t, m2, filepath.Join(dir, "recognized.onnx"))
+	if rel := vtRel(t, runModel(t, rec, ins), got); rel > 1e-6 {
+		t.Errorf("merge of the recognized branches vs unmerged: rel %g", rel)
+	}
+}
