@@ -43,7 +43,7 @@ func ApplyOnnxAdapterFile(src, adapterPath, dst string, opts MergeOptions, save 
 	if err != nil {
 		return nil, err
 	}
-	m, err := graph.Load(src)
+	m, err := graph.LoadLazy(src)
 	if err != nil {
 		return nil, err
 	}

@@ -57,7 +57,7 @@ func ApplyPEFT(m *graph.Model, adapterDir string, opts MergeOptions) (*MergeRepo
 // ApplyPEFT does) and saves the result to dst, streaming weights like
 // MergeFile.
 func ApplyPEFTFile(src, adapterDir, dst string, opts MergeOptions, save graph.SaveOptions) (*MergeReport, error) {
-	m, err := graph.Load(src)
+	m, err := graph.LoadLazy(src)
 	if err != nil {
 		return nil, err
 	}

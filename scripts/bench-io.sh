@@ -36,9 +36,12 @@ PYTHON=/usr/bin/python3
 TIME=/usr/bin/time
 [ -x "$TIME" ] || { echo "bench-io: $TIME not found (apt-get install time)" >&2; exit 1; }
 mkdir -p "$WORK"
-go build -o "$WORK/onnxlora" ./cmd/onnxlora
-go test -c -o "$WORK/rewrite.test" ./rewrite
-BIN="$WORK/onnxlora"
+# ONNXLORA_BENCH_BIN and ONNXLORA_BENCH_TEST name prebuilt binaries
+# (the onnxlora command and `go test -c ./rewrite`) instead.
+BIN="${ONNXLORA_BENCH_BIN:-$WORK/onnxlora}"
+TESTBIN="${ONNXLORA_BENCH_TEST:-$WORK/rewrite.test}"
+[ -n "${ONNXLORA_BENCH_BIN:-}" ] || go build -o "$BIN" ./cmd/onnxlora
+[ -n "${ONNXLORA_BENCH_TEST:-}" ] || go test -c -o "$TESTBIN" ./rewrite
 TARGETS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 
 # run NAME CMD...: prints "seconds maxrss_kib" of CMD followed by sync.
@@ -63,7 +66,7 @@ for shape in $SHAPES; do
 	inline=0
 	[ "$layout" = inline ] && inline=1
 	ONNXLORA_BENCH_GEN="$d" ONNXLORA_BENCH_SIZE="$size" ONNXLORA_BENCH_INLINE=$inline \
-		"$WORK/rewrite.test" -test.run '^TestBenchGenerateBase$' >"$d/generate.log" 2>&1 || { cat "$d/generate.log" >&2; exit 1; }
+		"$TESTBIN" -test.run '^TestBenchGenerateBase$' >"$d/generate.log" 2>&1 || { cat "$d/generate.log" >&2; exit 1; }
 	"$BIN" export-adapter "$d/injected/model.onnx" -o "$d/peft" >/dev/null
 	bytes=$(cat "$d"/injected/model.onnx* | wc -c)
 	cat "$d"/base/* "$d"/injected/* >/dev/null # warm the page cache
