@@ -31,6 +31,11 @@ type ModelOptions struct {
 	// on training steps, as PEFT does; evaluation never drops. Off, a run
 	// is deterministic.
 	Dropout bool
+	// Rank starts the adapters of a model injected with adapter inputs
+	// (whose factors are rank-0 defaults) at this rank: A as inject draws
+	// it, B zero (rewrite.StartAdapterInputs). Such a model whose defaults
+	// already have a rank trains them as they are when Rank is 0.
+	Rank int
 }
 
 // Model is an injected ONNX model opened for training: the input model
@@ -73,16 +78,22 @@ func OpenModel(path string, opts ModelOptions) (*Model, error) {
 			m.Close()
 		}
 	}()
+	man, err := rewrite.ReadManifest(orig)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	inputFactors, err := startAdapterInputs(orig, man, opts.Rank)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
 	trainable := opts.Trainable
 	if len(trainable) == 0 {
-		man, err := rewrite.ReadManifest(orig)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+		if man != nil {
+			trainable = append(append(trainable, man.Trainable...), inputFactors...)
 		}
-		if man == nil || len(man.Trainable) == 0 {
+		if len(trainable) == 0 {
 			return nil, fmt.Errorf("%s: %w (it has no %s manifest); add adapters with onnxlora inject first", path, ErrNoAdapters, rewrite.ManifestKey)
 		}
-		trainable = man.Trainable
 	}
 	for _, name := range trainable {
 		t, _ := orig.Graph().Initializer(name)
@@ -109,6 +120,9 @@ func OpenModel(path string, opts ModelOptions) (*Model, error) {
 		return nil, err
 	}
 	defer sm.Close()
+	if _, err := startAdapterInputs(sm, man, opts.Rank); err != nil {
+		return nil, err
+	}
 	step, err := autodiff.Build(sm, autodiff.Options{Loss: opts.Loss, Output: opts.Output, Params: trainable, Dropout: opts.Dropout})
 	if err != nil {
 		return nil, fmt.Errorf("%s: building the step graph: %w", path, err)
@@ -173,6 +187,37 @@ func OpenModel(path string, opts ModelOptions) (*Model, error) {
 	}
 	ok = true
 	return m, nil
+}
+
+// startAdapterInputs returns the factors of the model's adapter-input
+// branches (inject --adapter-inputs), giving them rank r first when r > 0.
+// Their defaults are rank 0 as inject writes them; training those would
+// train nothing, so a rank is then required.
+func startAdapterInputs(m *graph.Model, man *rewrite.Manifest, r int) ([]string, error) {
+	var names []string
+	if man != nil {
+		for _, a := range man.Adapters {
+			if a.Mode == rewrite.ModeAdapterInputs {
+				names = append(names, a.LoraA, a.LoraB)
+			}
+		}
+	}
+	if len(names) == 0 {
+		if r > 0 {
+			return nil, errors.New("--rank is for models injected with --adapter-inputs; this one has its rank already")
+		}
+		return nil, nil
+	}
+	if r > 0 {
+		return rewrite.StartAdapterInputs(m, r, rewrite.InjectConfig{})
+	}
+	for _, name := range names {
+		t, _ := m.Graph().Initializer(name)
+		if t == nil || len(t.Dims) != 2 || t.Dims[0] == 0 || t.Dims[1] == 0 {
+			return nil, fmt.Errorf("the adapter inputs (inject --adapter-inputs) have rank-0 defaults: give --rank R to start them at rank R")
+		}
+	}
+	return names, nil
 }
 
 // gatherLimits maps each graph input that a Gather uses as indices into a

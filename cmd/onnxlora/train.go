@@ -35,6 +35,7 @@ type TrainOptions struct {
 	Plot        string
 	Device      string
 	Dropout     bool
+	Rank        int
 	External    externalFlag
 
 	// ctx, when set (by tests), replaces the Ctrl-C handling context.
@@ -116,6 +117,7 @@ from it.`,
 	fl.BoolVar(&opts.JSON, "json", false, "print one JSON object per step (and per eval) on stdout")
 	fl.StringVar(&opts.Plot, "plot", "", "draw the loss curve to this .svg or .png file")
 	fl.StringVar(&opts.Device, "device", "cpu", "cpu, or cuda for ONNX Runtime's CUDA provider")
+	fl.IntVar(&opts.Rank, "rank", 0, "for a model injected with --adapter-inputs: start its adapters at this rank (A as inject draws it, B zero)")
 	fl.BoolVar(&opts.Dropout, "adapter-dropout", true, "apply the adapters' dropout (inject --dropout) on training steps, as PEFT does; false trains without it, deterministically")
 	registerExternalFlag(cmd, &opts.External)
 	for flag, values := range map[string][]string{
@@ -135,6 +137,9 @@ func (o *TrainOptions) validate(cmd *cobra.Command) error {
 	}
 	if o.Data == "" {
 		return usageErrorf("missing --data: the training data (JSONL)")
+	}
+	if o.Rank < 0 {
+		return usageErrorf("invalid argument %d for --rank: want a positive rank", o.Rank)
 	}
 	if err := checkPaths(nil, []string{"the model", o.Model, "--data", o.Data, "--eval-data", o.EvalData},
 		append(modelOutputs("-o", o.Output), "the checkpoint", o.checkpointPath(), "--plot", o.Plot)); err != nil {
@@ -199,7 +204,7 @@ func runTrain(opts *TrainOptions) error {
 		}
 	}
 	stop := ios.StartProgress("building the step graph of " + opts.Model)
-	model, err := train.OpenModel(opts.Model, train.ModelOptions{Loss: opts.Loss, Output: opts.ModelOutput, Device: opts.Device, Dropout: opts.Dropout})
+	model, err := train.OpenModel(opts.Model, train.ModelOptions{Loss: opts.Loss, Output: opts.ModelOutput, Device: opts.Device, Dropout: opts.Dropout, Rank: opts.Rank})
 	stop()
 	if err != nil {
 		return err

@@ -572,3 +572,37 @@ func TestTrainAdapterDropout(t *testing.T) {
 		t.Errorf("without dropout two runs differ: %v and %v", c, d)
 	}
 }
+
+// A model injected with --adapter-inputs trains once given --rank: the
+// eval loss falls, the trained defaults have that rank, and the trained
+// model merges into one that computes the same.
+func TestTrainAdapterInputs(t *testing.T) {
+	orttest.Require(t)
+	dir := t.TempDir()
+	lora := filepath.Join(dir, "inputs.onnx")
+	mustRun(t, "inject", model("tiny-llama.onnx"), "-o", lora, "--target", "all-linear", "--adapter-inputs")
+	data := "../../testdata/data/lm-train.jsonl"
+	out := filepath.Join(dir, "trained.onnx")
+	args := []string{"train", lora, "--data", data, "--eval-data", "../../testdata/data/lm-eval.jsonl", "--steps", "30",
+		"--batch-size", "16", "--lr", "1e-2", "-o", out, "--json"}
+	r := run(t, args...)
+	if r.code != 1 || !strings.Contains(r.stderr, "--rank") {
+		t.Fatalf("without --rank: exit %d, %q; want exit 1 naming --rank", r.code, r.stderr)
+	}
+	_, evals := readRecords(t, mustRun(t, append(args, "--rank", "4")...).stdout)
+	if first, last := evals[0].EvalLoss, evals[len(evals)-1].EvalLoss; !(last < first-0.3) {
+		t.Errorf("eval loss %.4f -> %.4f: adapter-input training did not learn", first, last)
+	}
+	m, err := graph.Load(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	a, _ := m.Graph().Initializer("model.layers.0.self_attn.q_proj.lora_A.weight")
+	if a == nil || len(a.Dims) != 2 || a.Dims[1] != 4 {
+		t.Fatalf("trained lora_A default: %v, want rank 4", a.GetDims())
+	}
+	merged := filepath.Join(dir, "merged.onnx")
+	mustRun(t, "merge", out, "-o", merged)
+	mustRun(t, "verify", out, merged, "--rtol", "1e-4", "--atol", "1e-5")
+}
