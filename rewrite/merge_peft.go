@@ -256,6 +256,10 @@ func MatchPEFT(m *graph.Model, dir string, opts MergeOptions) (*PEFTMatch, error
 
 // planPEFT matches the adapter's modules to layers and plans their merge.
 func planPEFT(m *graph.Model, dir string, opts MergeOptions) (*plan, error) {
+	// pissa/olora adapters: rebuild the residual init (init_peft.go).
+	if p, err := planResidualInit(m, dir, opts); p != nil || err != nil {
+		return p, err
+	}
 	pm, err := MatchPEFT(m, dir, opts)
 	if err != nil {
 		return nil, err

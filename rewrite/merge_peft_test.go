@@ -217,7 +217,7 @@ func TestApplyPEFTErrors(t *testing.T) {
 	for _, tc := range []struct{ key, value string }{
 		{"use_dora", "true"},
 		{"lora_bias", "true"},
-		{"init_lora_weights", `"pissa"`},
+		{"init_lora_weights", `"loftq"`}, // pissa and olora are rebuilt (init_peft.go)
 	} {
 		dir := copyAdapter(t, filepath.Join(llama, "adapter"), func(cfg map[string]any) {
 			var v any

@@ -565,3 +565,72 @@ func TestVariantsAdapterInputs(t *testing.T) {
 		t.Errorf("pissa with adapter inputs: %v", err)
 	}
 }
+
+// TestApplyPEFTResidualInit: a PEFT adapter saved with init_lora_weights
+// "pissa" or "olora" applies to the original base as PEFT loads it: the
+// base becomes torch's residual (from the generator) and the trained
+// adapter is added, W' = W_res + s·B·A. pissa_niter_N is refused.
+func TestApplyPEFTResidualInit(t *testing.T) {
+	exp := vtLoad(t)
+	for _, c := range exp.Inits {
+		for _, method := range []string{"pissa", "olora", "pissa_niter_4"} {
+			t.Run(c.Name+"/"+method, func(t *testing.T) {
+				dir := filepath.Join(t.TempDir(), "adapter")
+				// "Trained" factors in PEFT's layout: A [r, in], B [out, r].
+				a := make([]float32, c.R*c.In)
+				b := make([]float32, c.Out*c.R)
+				for i := range a {
+					a[i] = float32(math.Sin(float64(3*i+1))) * 0.3
+				}
+				for i := range b {
+					b[i] = float32(math.Cos(float64(5*i+2))) * 0.3
+				}
+				mod := export.PEFTModule{Name: "fc", Rank: c.R, InFeatures: c.In, OutFeatures: c.Out, Alpha: c.Alpha, Scaling: c.Scaling, A: a, B: b}
+				if err := export.WritePEFTAdapter(dir, export.NewPEFTConfig(c.R, c.Alpha, "fc"), []export.PEFTModule{mod}); err != nil {
+					t.Fatal(err)
+				}
+				cfgPath := filepath.Join(dir, export.PEFTConfigFile)
+				raw, err := os.ReadFile(cfgPath)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var cfg map[string]any
+				if err := json.Unmarshal(raw, &cfg); err != nil {
+					t.Fatal(err)
+				}
+				cfg["init_lora_weights"] = method
+				raw, _ = json.Marshal(cfg)
+				if err := os.WriteFile(cfgPath, raw, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				m := vtLinearModel(t, c.W, c.In, c.Out, true)
+				_, err = ApplyPEFT(m, dir, MergeOptions{})
+				if method == "pissa_niter_4" {
+					if err == nil || !strings.Contains(err.Error(), "random") || !strings.Contains(err.Error(), dir) {
+						t.Fatalf("pissa_niter: %v", err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := c.PiSSA.Residual
+				if method == "olora" {
+					want = c.OLoRA.Residual
+				}
+				want = append([]float64(nil), want...)
+				for i := 0; i < c.Out; i++ {
+					for j := 0; j < c.In; j++ {
+						for k := 0; k < c.R; k++ {
+							want[i*c.In+j] += c.Scaling * float64(b[i*c.R+k]) * float64(a[k*c.In+j])
+						}
+					}
+				}
+				got := vtStoredOut(t, m, c.In, c.Out, true)
+				if d := vtMaxDiff(got, want); d > 3e-5*vtMaxAbs(c.W) {
+					t.Errorf("merged weight differs from torch's residual + s·B·A by %g", d)
+				}
+			})
+		}
+	}
+}
