@@ -223,3 +223,40 @@ func TestLoadLazyLibonnxTestdata(t *testing.T) {
 	}
 	t.Logf("%d tensors left in their files over %d models", lazy, len(paths))
 }
+
+func TestLoadLazyDamagedFiles(t *testing.T) {
+	// Truncated or damaged files: LoadLazy accepts exactly what Load
+	// accepts, and what it accepts serializes as Load's model does.
+	_, data, _ := lazyModel(t, 16<<10)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "m.onnx")
+	try := func(b []byte) {
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		e, eerr := Load(path)
+		l, lerr := LoadLazy(path)
+		if (eerr == nil) != (lerr == nil) {
+			t.Fatalf("%d bytes: Load: %v, LoadLazy: %v", len(b), eerr, lerr)
+		}
+		if eerr != nil {
+			return
+		}
+		want, _ := proto.Marshal(e.Proto)
+		got, err := l.Marshal()
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%d bytes: lazy model serializes differently (%v)", len(b), err)
+		}
+		l.Close()
+	}
+	for n := 0; n < len(data); n += 1 + n/16 {
+		try(data[:n])
+	}
+	for i := 0; i < len(data); i += 97 {
+		for _, x := range []byte{0x01, 0x80, 0xff} {
+			b := append([]byte(nil), data...)
+			b[i] ^= x
+			try(b)
+		}
+	}
+}
