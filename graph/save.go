@@ -240,6 +240,7 @@ func (m *Model) saveExternal(path string, opts SaveOptions) (err error) {
 		if err = m.copyTensorTo(pw.Data, offset, t); err != nil {
 			return
 		}
+		StartWriteback(pw.Data, offset, size) // overlaps the next copies; Commit still syncs
 		saved = append(saved, snapshot(t))
 		SetExternal(t, pw.DataName, offset, size)
 		offset += size
