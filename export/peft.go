@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -55,6 +56,16 @@ type PEFTModule struct {
 	// and the delta on the [num_embeddings, embedding_dim] table is
 	// Scaling·(B·A)ᵀ.
 	Embedding bool
+	// Kernel is the spatial kernel of a Conv LoRA module (PEFT's
+	// lora.Conv1d/2d/3d), nil for Linear: A is then [Rank, InFeatures,
+	// Kernel…] (the base's kernel) and B [OutFeatures, Rank, 1…], and the
+	// delta is Scaling·B·A on the kernel flattened to [out, in·K].
+	Kernel []int
+	// Magnitude is DoRA's lora_magnitude_vector (use_dora), one value per
+	// output feature, under key KeyM; nil without DoRA. PEFT stores it as
+	// [OutFeatures] for Linear and [1, OutFeatures, 1…] for Conv.
+	Magnitude []float32
+	KeyM      string
 }
 
 // PEFTSaved is one tensor of a modules_to_save module: a full trained copy
@@ -81,11 +92,30 @@ type PEFTAdapter struct {
 	Saved   []PEFTSaved  // modules_to_save tensors, sorted by Module, Param
 }
 
-// ShapeA returns the lora_A weight shape [Rank, InFeatures].
-func (m *PEFTModule) ShapeA() []int { return []int{m.Rank, m.InFeatures} }
+// ShapeA returns the lora_A weight shape [Rank, InFeatures] ([Rank,
+// InFeatures, Kernel…] for Conv).
+func (m *PEFTModule) ShapeA() []int { return append([]int{m.Rank, m.InFeatures}, m.Kernel...) }
 
-// ShapeB returns the lora_B weight shape [OutFeatures, Rank].
-func (m *PEFTModule) ShapeB() []int { return []int{m.OutFeatures, m.Rank} }
+// ShapeB returns the lora_B weight shape [OutFeatures, Rank] ([OutFeatures,
+// Rank, 1…] for Conv).
+func (m *PEFTModule) ShapeB() []int { return append([]int{m.OutFeatures, m.Rank}, m.ones()...) }
+
+// ShapeM returns the DoRA magnitude's shape as PEFT saves it: [OutFeatures]
+// for Linear, [1, OutFeatures, 1…] for Conv.
+func (m *PEFTModule) ShapeM() []int {
+	if m.Kernel == nil {
+		return []int{m.OutFeatures}
+	}
+	return append([]int{1, m.OutFeatures}, m.ones()...)
+}
+
+func (m *PEFTModule) ones() []int {
+	ones := make([]int, len(m.Kernel))
+	for i := range ones {
+		ones[i] = 1
+	}
+	return ones
+}
 
 // ReadPEFTAdapter reads a PEFT LoRA adapter directory (adapter_config.json
 // and adapter_model.safetensors). Modules are sorted by Name, with A and B
@@ -93,6 +123,9 @@ func (m *PEFTModule) ShapeB() []int { return []int{m.OutFeatures, m.Rank} }
 // Embedding LoRA and modules_to_save weights are refused (errors wrapping
 // ErrUnsupported); ReadPEFTDir returns them.
 func ReadPEFTAdapter(dir string) (*PEFTConfig, []PEFTModule, error) {
+	if cfg, err := ReadPEFTConfig(filepath.Join(dir, PEFTConfigFile)); err == nil && cfg.UseDoRA {
+		return nil, nil, fmt.Errorf("peft adapter %s: %w here: DoRA (use_dora=true); merge --adapter applies it", dir, ErrUnsupported)
+	}
 	a, err := ReadPEFTDir(dir)
 	if err != nil {
 		return nil, nil, err
@@ -103,6 +136,12 @@ func ReadPEFTAdapter(dir string) (*PEFTConfig, []PEFTModule, error) {
 	for _, m := range a.Modules {
 		if m.Embedding {
 			return nil, nil, fmt.Errorf("peft adapter %s: %w: LoRA on an Embedding layer (key %q)", dir, ErrUnsupported, m.KeyA)
+		}
+		if m.Kernel != nil {
+			return nil, nil, fmt.Errorf("peft adapter %s: %w here: Conv LoRA (key %q); merge --adapter applies it", dir, ErrUnsupported, m.KeyA)
+		}
+		if m.Magnitude != nil {
+			return nil, nil, fmt.Errorf("peft adapter %s: %w here: DoRA magnitude vector (key %q); merge --adapter applies it", dir, ErrUnsupported, m.KeyM)
 		}
 	}
 	return a.Config, a.Modules, nil
@@ -146,6 +185,7 @@ func readPEFTWeights(dir string, cfg *PEFTConfig) ([]PEFTModule, []PEFTSaved, er
 type loraKey struct {
 	prefix, module, adapter string
 	isB, embedding          bool
+	isM                     bool // DoRA's lora_magnitude_vector
 	saved                   bool
 	param                   string // the parameter of a saved tensor ("weight")
 }
@@ -174,7 +214,18 @@ func classifyKey(key string, cfg *PEFTConfig) (loraKey, error) {
 			}
 			return loraKey{prefix: prefix, module: strings.Join(segs[:i], "."), adapter: adapter, isB: segs[i] == "lora_embedding_B", embedding: true}, nil
 		case "lora_magnitude_vector":
-			return loraKey{}, fmt.Errorf("%w: DoRA magnitude vector (key %q)", ErrUnsupported, key)
+			// "<module>.lora_magnitude_vector" as saved (PEFT drops the
+			// DoRA layer's ".weight"), "<module>.lora_magnitude_vector.
+			// <adapter>.weight" in the live state_dict.
+			tail := segs[i+1:]
+			adapter := ""
+			switch {
+			case len(tail) == 2 && tail[1] == "weight":
+				adapter = tail[0]
+			case len(tail) != 0 || i == 0:
+				return loraKey{}, fmt.Errorf("unrecognised DoRA magnitude key %q", key)
+			}
+			return loraKey{prefix: prefix, module: strings.Join(segs[:i], "."), adapter: adapter, isM: true}, nil
 		case "modules_to_save":
 			// <module>.modules_to_save.<adapter>.<param path>
 			tail := segs[i+1:]
@@ -228,6 +279,8 @@ type modulePair struct {
 	key          loraKey
 	keyA, keyB   string
 	infoA, infoB TensorInfo
+	keyM         string // DoRA magnitude, "" without
+	infoM        TensorInfo
 }
 
 // firstKey names a key already seen for the module, for error messages.
@@ -276,6 +329,13 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSa
 			return nil, nil, fmt.Errorf("module %q has both Linear (lora_A/lora_B) and Embedding (lora_embedding_A/B) keys (%q and %q)", k.module, p.firstKey(), name)
 		}
 		info, _ := f.Tensor(name)
+		if k.isM {
+			if p.keyM != "" {
+				return nil, nil, fmt.Errorf("module %q has two DoRA magnitude vectors", k.module)
+			}
+			p.keyM, p.infoM = name, info
+			continue
+		}
 		if k.isB {
 			if p.keyB != "" {
 				return nil, nil, fmt.Errorf("module %q has two lora_B weights", k.module)
@@ -312,11 +372,23 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSa
 			return nil, nil, fmt.Errorf("module %q has lora_A (%q) but no lora_B", n, p.keyA)
 		}
 		a, b := p.infoA, p.infoB
-		if len(a.Shape) != 2 || len(b.Shape) != 2 {
-			if len(a.Shape) > 2 {
-				return nil, nil, fmt.Errorf("%w: module %q has %d-D LoRA weights (convolution LoRA)", ErrUnsupported, n, len(a.Shape))
+		var kernel []int
+		if len(a.Shape) >= 3 && len(a.Shape) <= 5 && len(b.Shape) == len(a.Shape) {
+			// Conv LoRA: A [r, in, k…], B [out, r, 1…].
+			kernel = append([]int(nil), a.Shape[2:]...)
+			for _, d := range b.Shape[2:] {
+				if d != 1 {
+					return nil, nil, fmt.Errorf("module %q: Conv lora_B %v must be a 1x1 kernel [out, r, 1…]", n, b.Shape)
+				}
 			}
-			return nil, nil, fmt.Errorf("module %q: lora_A shape %v and lora_B shape %v must both be 2-D", n, a.Shape, b.Shape)
+		} else if len(a.Shape) != 2 || len(b.Shape) != 2 {
+			return nil, nil, fmt.Errorf("module %q: lora_A shape %v and lora_B shape %v must both be 2-D (Linear) or kernels of one rank (Conv)", n, a.Shape, b.Shape)
+		}
+		if p.keyM == "" && cfg.UseDoRA && !p.key.embedding {
+			return nil, nil, fmt.Errorf("module %q has no lora_magnitude_vector, but use_dora is true", n)
+		}
+		if p.keyM != "" && !cfg.UseDoRA {
+			return nil, nil, fmt.Errorf("module %q has a DoRA magnitude vector (%q) but use_dora is false", n, p.keyM)
 		}
 		if a.DType != b.DType {
 			return nil, nil, fmt.Errorf("module %q: lora_A is %s but lora_B is %s", n, a.DType, b.DType)
@@ -349,13 +421,26 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSa
 		if err != nil {
 			return nil, nil, err
 		}
-		mods = append(mods, PEFTModule{
+		mod := PEFTModule{
 			Name: n, Prefix: p.key.prefix, AdapterName: p.key.adapter,
 			KeyA: p.keyA, KeyB: p.keyB, DType: a.DType,
 			Rank: rank, InFeatures: a.Shape[1], OutFeatures: b.Shape[0],
 			Alpha: alpha, Scaling: cfg.Scaling(alpha, rank),
-			A: av, B: bv, Embedding: p.key.embedding,
-		})
+			A: av, B: bv, Embedding: p.key.embedding, Kernel: kernel,
+		}
+		if p.keyM != "" {
+			if p.key.embedding {
+				return nil, nil, fmt.Errorf("%w: DoRA on an Embedding layer (key %q)", ErrUnsupported, p.keyM)
+			}
+			if !p.infoM.DType.IsFloat() || p.infoM.NumElements() != mod.OutFeatures || !slices.Equal(p.infoM.Shape, mod.ShapeM()) && !slices.Equal(p.infoM.Shape, []int{mod.OutFeatures}) {
+				return nil, nil, fmt.Errorf("module %q: DoRA magnitude %q is %s %v; %v floats are needed", n, p.keyM, p.infoM.DType, p.infoM.Shape, mod.ShapeM())
+			}
+			if mod.Magnitude, err = f.ReadFloat32(p.keyM); err != nil {
+				return nil, nil, err
+			}
+			mod.KeyM = p.keyM
+		}
+		mods = append(mods, mod)
 	}
 	return mods, saved, nil
 }
@@ -453,6 +538,16 @@ func WritePEFTAdapterPrefix(dir string, config *PEFTConfig, modules []PEFTModule
 			return fail("module %q lora_B: %v", m.Name, err)
 		}
 		tensors = append(tensors, ta, tb)
+		if (m.Magnitude != nil) != cfg.UseDoRA {
+			return fail("module %q: a DoRA magnitude vector goes with use_dora=true and only with it", m.Name)
+		}
+		if m.Magnitude != nil {
+			tm, err := NewFloat32Tensor(prefix+m.Name+".lora_magnitude_vector", dt, m.ShapeM(), m.Magnitude)
+			if err != nil {
+				return fail("module %q lora_magnitude_vector: %v", m.Name, err)
+			}
+			tensors = append(tensors, tm)
+		}
 	}
 	cfgJSON, err := cfg.MarshalJSON()
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 )
@@ -251,4 +252,87 @@ func checkLayerKinds(layers []*Layer, sel []Selection, cfg InjectConfig) error {
 		}
 	}
 	return nil
+}
+
+// convAssignmentProblem says why a PEFT module and its layer disagree
+// about being a convolution, or "".
+func convAssignmentProblem(mod *export.PEFTModule, l *Layer) string {
+	switch {
+	case l.Op == opConv && mod.Kernel == nil:
+		return fmt.Sprintf("%s %v is a Linear LoRA factor, but layer %s is a Conv with kernel %v", suffixOf(mod.KeyA), mod.ShapeA(), l.Module, l.Kernel)
+	case l.Op != opConv && mod.Kernel != nil:
+		return fmt.Sprintf("%s %v is a Conv LoRA kernel, but layer %s is a %s", suffixOf(mod.KeyA), mod.ShapeA(), l.Module, l.Op)
+	case l.Op == opConv && !slices.Equal(int64s(mod.Kernel), l.Kernel):
+		return fmt.Sprintf("%s %v has kernel %v, but layer %s's kernel is %v", suffixOf(mod.KeyA), mod.ShapeA(), mod.Kernel, l.Module, l.Kernel)
+	}
+	return ""
+}
+
+func int64s(v []int) []int64 {
+	out := make([]int64, len(v))
+	for i, x := range v {
+		out[i] = int64(x)
+	}
+	return out
+}
+
+// addPEFTConv plans a PEFT Conv LoRA module's delta: its A [r, in, k…] and
+// B [out, r, 1…] are already the flattened factors addConvUpdate takes.
+func (p *plan) addPEFTConv(as *PEFTAssignment) error {
+	l, mod := as.layer, as.mod
+	a := make([]float64, len(mod.A))
+	for i, v := range mod.A {
+		a[i] = float64(v)
+	}
+	b := make([]float64, len(mod.B))
+	for i, v := range mod.B {
+		b[i] = float64(v)
+	}
+	rep := &MergedLayer{Module: l.Module, PEFTModule: mod.Name, Rank: mod.Rank, Alpha: mod.Alpha, Scaling: mod.Scaling}
+	return p.addConvUpdate(l, a, b, mod.Rank, mod.Scaling, rep)
+}
+
+// peftConvModule converts a Conv branch to PEFT's Conv LoRA module: A and
+// B are stored in PEFT's layouts already. PEFT's lora_A takes the base's
+// kernel, stride and (symmetric) padding but no dilation, so a branch PEFT
+// could not rebuild is refused.
+func peftConvModule(m *graph.Model, f *foundAdapter, dt export.DType) (export.PEFTModule, error) {
+	if err := checkConvBranch(f.branchMatch); err != nil {
+		return export.PEFTModule{}, err
+	}
+	l := f.Layer
+	for _, d := range graph.AttrInts(l.Node, "dilations") {
+		if d != 1 {
+			return export.PEFTModule{}, fmt.Errorf("Conv %s has dilations %v; PEFT's lora_A has none, so PEFT could not load this adapter", l.Module, graph.AttrInts(l.Node, "dilations"))
+		}
+	}
+	if pads := graph.AttrInts(l.Node, "pads"); len(pads) > 0 && !slices.Equal(pads[:len(pads)/2], pads[len(pads)/2:]) {
+		return export.PEFTModule{}, fmt.Errorf("Conv %s pads %v unevenly; PEFT's lora_A pads both sides alike", l.Module, pads)
+	}
+	if a := graph.Attr(l.Node, "auto_pad"); a != nil && string(a.S) != "NOTSET" && string(a.S) != "VALID" {
+		return export.PEFTModule{}, fmt.Errorf("Conv %s has auto_pad %s, which PEFT's lora_A cannot take", l.Module, a.S)
+	}
+	a, err := m.Float64s(f.TA)
+	if err != nil {
+		return export.PEFTModule{}, err
+	}
+	b, err := m.Float64s(f.TB)
+	if err != nil {
+		return export.PEFTModule{}, err
+	}
+	mod := export.PEFTModule{
+		Name: f.Module, DType: dt, Rank: f.Rank, InFeatures: int(l.In), OutFeatures: int(l.Out),
+		Alpha: f.Alpha, Scaling: f.Scaling, Kernel: make([]int, len(l.Kernel)),
+		A: make([]float32, len(a)), B: make([]float32, len(b)),
+	}
+	for i, k := range l.Kernel {
+		mod.Kernel[i] = int(k)
+	}
+	for i, v := range a {
+		mod.A[i] = float32(v)
+	}
+	for i, v := range b {
+		mod.B[i] = float32(v)
+	}
+	return mod, nil
 }

@@ -228,3 +228,101 @@ func TestConvLoRAInORT(t *testing.T) {
 		t.Errorf("merge of the recognized branches vs unmerged: rel %g", rel)
 	}
 }
+
+// TestConvPEFTDirs: PEFT's Conv LoRA dir applied with ApplyPEFT gives
+// torch's merged kernels and outputs; the injected model exported with
+// ExportPEFT writes PEFT's keys and shapes with the same values, which
+// apply back to the same model.
+func TestConvPEFTDirs(t *testing.T) {
+	e := readVB(t, "conv")
+	m := loadModel(t, variantsB("conv.onnx"))
+	rep, err := ApplyPEFT(m, variantsB("conv", "adapter"), MergeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Merged) != 2 {
+		t.Fatalf("merged %d modules, want 2", len(rep.Merged))
+	}
+	for name, w := range e.Weights {
+		tp, _ := m.Graph().Initializer(name)
+		v, _ := m.Float64s(tp)
+		if rel := vtRel(t, map[string][]float64{name: v}, map[string][]float64{name: w.Data}); rel > 1e-6 {
+			t.Errorf("%s applied vs torch's merge: rel %g", name, rel)
+		}
+	}
+	dir := t.TempDir()
+	t.Run("ort", func(t *testing.T) {
+		orttest.Require(t)
+		applied := mgSaveModel(t, m, filepath.Join(dir, "applied.onnx"))
+		if rel := vtRel(t, runModel(t, applied, e.inputs(t)), e.output("merged", "y")); rel > 1e-5 {
+			t.Errorf("applied PEFT dir vs torch merged model: rel %g", rel)
+		} else {
+			t.Logf("applied PEFT dir vs torch merged: rel %.2g", rel)
+		}
+	})
+
+	inj, _ := convInjected(t)
+	out := filepath.Join(dir, "exported")
+	if _, err := ExportPEFT(inj, out, ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	want := loadPEFTTensors(t, variantsB("conv", "adapter"))
+	got := loadPEFTTensors(t, out)
+	if len(got) != len(want) {
+		t.Fatalf("exported keys %d, want %d", len(got), len(want))
+	}
+	f, err := export.OpenSafetensors(filepath.Join(out, export.PEFTWeightsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ref, err := export.OpenSafetensors(variantsB("conv", "adapter", export.PEFTWeightsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	for k, w := range want {
+		gi, ok := f.Tensor(k)
+		ri, _ := ref.Tensor(k)
+		if !ok || !slices.Equal(gi.Shape, ri.Shape) {
+			t.Fatalf("exported %s: %v, want shape %v", k, gi.Shape, ri.Shape)
+		}
+		if !slices.Equal(got[k], w) {
+			t.Errorf("exported %s differs from the fixture", k)
+		}
+	}
+	back := loadModel(t, variantsB("conv.onnx"))
+	if _, err := ApplyPEFT(back, out, MergeOptions{}); err != nil {
+		t.Fatalf("the exported dir does not apply: %v", err)
+	}
+}
+
+// TestConvRefusals: each refused Conv case is one line naming the layer.
+func TestConvRefusals(t *testing.T) {
+	m := loadModel(t, variantsB("conv.onnx"))
+	for _, c := range []struct {
+		name string
+		cfg  InjectConfig
+		want string
+	}{
+		{"grouped", InjectConfig{SelectOptions: SelectOptions{Targets: []string{"dw"}, Rank: 2, Alpha: 2}}, "dw"},
+		{"adapter inputs", InjectConfig{SelectOptions: SelectOptions{Targets: []string{"pw"}, Rank: 2, Alpha: 2}, AdapterInputs: true}, "module pw"},
+		{"pissa", InjectConfig{SelectOptions: SelectOptions{Targets: []string{"body"}, Rank: 2, Alpha: 2}, Init: InitPiSSA}, "module body"},
+	} {
+		_, err := Inject(m, c.cfg)
+		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("%s: error %v, want one line naming %s", c.name, err, c.want)
+		}
+	}
+	// A Linear PEFT module aimed at a Conv layer is refused, naming it.
+	dir := t.TempDir()
+	cfg := export.NewPEFTConfig(2, 4, "pw")
+	mods := []export.PEFTModule{{Name: "pw", Rank: 2, InFeatures: 4, OutFeatures: 8, A: make([]float32, 8), B: make([]float32, 16)}}
+	if err := export.WritePEFTAdapter(dir, cfg, mods); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ApplyPEFT(loadModel(t, variantsB("conv.onnx")), dir, MergeOptions{})
+	if err == nil || !strings.Contains(err.Error(), "layer pw is a Conv") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("Linear module on a Conv: %v", err)
+	}
+}

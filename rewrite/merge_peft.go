@@ -309,6 +309,9 @@ func planPEFT(m *graph.Model, dir string, opts MergeOptions) (*plan, error) {
 // addPEFTLoRA plans one LoRA (or embedding LoRA) module's delta.
 func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 	l, mod := as.layer, as.mod
+	if l.Op == opConv {
+		return p.addPEFTConv(as)
+	}
 	// PEFT's A [r, in] and B [out, r] (for embeddings [r, vocab] and
 	// [dim, r]) are the transposes of the x·W factors A [in, r], B [r, out].
 	r := mod.Rank
@@ -333,6 +336,9 @@ func assignmentProblem(a *PEFTAssignment, cfg *export.PEFTConfig) string {
 	l := a.layer
 	if a.Kind != KindModulesToSave {
 		mod := a.mod
+		if why := convAssignmentProblem(mod, l); why != "" {
+			return why
+		}
 		if int64(mod.InFeatures) == l.In && int64(mod.OutFeatures) == l.Out {
 			return ""
 		}

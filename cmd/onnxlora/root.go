@@ -63,8 +63,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-
-	"github.com/onnxlora/onnxlora/internal/termsafe"
 )
 
 // Factory carries what commands share: the I/O streams and the build
@@ -227,5 +225,5 @@ func printError(w io.Writer, msg string) {
 			parts = append(parts, line)
 		}
 	}
-	fmt.Fprintf(w, "onnxlora: %s\n", termsafe.Escape(strings.Join(parts, " ")))
+	fmt.Fprintf(w, "onnxlora: %s\n", strings.Join(parts, " "))
 }

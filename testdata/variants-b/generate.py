@@ -14,7 +14,7 @@ peft/tuners/lora/dora.py), in float64 from the float32 parameters:
 
 Outputs (next to this script; re-running gives identical files):
 
-  conv.onnx        x [2, 3, 9, 9] -> pw (Conv2d 3->8, 1x1, bias) -> relu
+  conv.onnx        x [2, 4, 9, 9] -> pw (Conv2d 4->8, 1x1, bias) -> relu
                    -> body (Conv2d 8->6, 3x3, stride 2, padding 1) -> relu
                    -> dw (Conv2d 6->6, 3x3, padding 1, groups 2: not adaptable) -> y
   conv/adapter/    PEFT Conv LoRA on pw and body, r 4, alpha 8
@@ -107,7 +107,7 @@ def export(model, path, args, inputs, outputs):
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.pw = nn.Conv2d(3, 8, 1)
+        self.pw = nn.Conv2d(4, 8, 1)
         self.body = nn.Conv2d(8, 6, 3, stride=2, padding=1)
         self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=2)
 
@@ -138,7 +138,7 @@ def conv_forward(net, x, adapters, scaling):
 def conv_case():
     torch.manual_seed(0)
     net = ConvNet().eval()
-    x = torch.randn(2, 3, 9, 9)
+    x = torch.randn(2, 4, 9, 9)
     export(net, os.path.join(HERE, "conv.onnx"), (x,), ["x"], ["y"])
     r, alpha = 4, 8
     scaling = alpha / r
