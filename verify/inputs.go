@@ -294,6 +294,7 @@ func (p InputPlan) Describe() string {
 func planInputs(inputs []ortrun.TensorInfo, dims map[string]int64, bounds map[string]Bound, fixed map[string]ortrun.Tensor) ([]InputPlan, error) {
 	past := pastLength(inputs, dims)
 	plans := make([]InputPlan, 0, len(inputs))
+	var total int64 // bytes of the random inputs so far
 	for _, in := range inputs {
 		p := InputPlan{Name: in.Name, DType: in.DType, Shape: shapeFor(in, dims)}
 		lower := strings.ToLower(in.Name)
@@ -328,6 +329,16 @@ func planInputs(inputs []ortrun.TensorInfo, dims map[string]int64, bounds map[st
 			p.Source = genNormal
 		}
 		plans = append(plans, p)
+		// Generated inputs take float64 values and then their own type's
+		// bytes; refuse dims that cannot fit rather than die out of memory.
+		n, err := ortrun.NumElements(p.Shape)
+		if err != nil || n > math.MaxInt64/32-total {
+			return nil, fmt.Errorf("input %q %v holds too many elements; give smaller dims with --dim NAME=VALUE", in.Name, p.Shape)
+		}
+		total += n * (8 + int64(max(in.DType.Bits(), 8)/8))
+		if err := graph.CheckAlloc(total, fmt.Sprintf("input %q %v", in.Name, p.Shape)); err != nil {
+			return nil, fmt.Errorf("%w; give smaller dims with --dim NAME=VALUE", err)
+		}
 	}
 	return plans, nil
 }

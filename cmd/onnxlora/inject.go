@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/termsafe"
 	"github.com/onnxlora/onnxlora/rewrite"
 )
 
@@ -32,7 +33,9 @@ type InjectOptions struct {
 	// AdapterInputs is --adapter-inputs; conflicts lists the flags given
 	// with it that it makes meaningless.
 	AdapterInputs bool
-	conflicts     []string
+	// AllowLargeRank is --allow-large-rank.
+	AllowLargeRank bool
+	conflicts      []string
 
 	// config is the validated configuration, set by the command.
 	config rewrite.InjectConfig
@@ -103,6 +106,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.Float64Var(&opts.Dropout, "dropout", 0, "dropout probability on the adapter input, in [0, 1) (PEFT lora_dropout)")
 	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "initialization: kaiming (PEFT's default) or gaussian for A with B = 0; pissa, pissa_niter_N or olora for A and B from the weight's SVD or QR, the residual written into the base")
 	fl.Uint64Var(&opts.Seed, "seed", 0, "random seed for lora_A; the same seed gives the same weights")
+	fl.BoolVar(&opts.AllowLargeRank, "allow-large-rank", false, "allow a rank above min(in, out) of a layer (refused by default: it adds size, not expressiveness)")
 	fl.BoolVar(&opts.AdapterInputs, "adapter-inputs", false, "make lora_A/lora_B graph inputs with rank-0 defaults, the scaling in B, for ONNX Runtime's .onnx_adapter files (docs/serving.md)")
 	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
 	fl.BoolVar(&opts.DryRun, "dry-run", false, "print the layers that would be adapted and write nothing")
@@ -145,7 +149,7 @@ func (o *InjectOptions) validate() error {
 	if o.AdapterInputs && len(o.conflicts) > 0 {
 		return usageErrorf("--adapter-inputs takes no %s: the rank and scaling come with each adapter file", strings.Join(o.conflicts, ", "))
 	}
-	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs}
+	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs, AllowLargeRank: o.AllowLargeRank}
 	return nil
 }
 
@@ -271,7 +275,7 @@ func writeAdapterTable(w io.Writer, adapters []rewrite.Adapter) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "  MODULE\tOP\t[IN,OUT]\tRANK\tALPHA\tSCALING\tPARAMS")
 	for _, a := range adapters {
-		fmt.Fprintf(tw, "  %s\t%s\t[%d,%d]\t%d\t%g\t%.6g\t%d\n", a.Module, a.Op, a.InFeatures, a.OutFeatures, a.Rank, a.Alpha, a.Scaling, int64(a.Rank)*(a.InFeatures+a.OutFeatures))
+		fmt.Fprintf(tw, "  %s\t%s\t[%d,%d]\t%d\t%g\t%.6g\t%d\n", termsafe.Quote(a.Module), a.Op, a.InFeatures, a.OutFeatures, a.Rank, a.Alpha, a.Scaling, int64(a.Rank)*(a.InFeatures+a.OutFeatures))
 	}
 	tw.Flush()
 }

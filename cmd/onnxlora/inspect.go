@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/onnxlora/onnxlora/inspect"
+	"github.com/onnxlora/onnxlora/internal/termsafe"
 	"github.com/onnxlora/onnxlora/rewrite"
 )
 
@@ -171,6 +172,7 @@ func runInspect(opts *InspectOptions) error {
 		}
 		write = func(w io.Writer) error { return inspect.WriteDOT(w, r, inspect.DOTOptions{Layer: opts.layerRE}) }
 	default:
+		termsafe.QuoteAll(r) // names from the file, for a terminal
 		write = func(w io.Writer) error { return inspect.WriteText(w, r) }
 	}
 	return openOutput(opts.IO, opts.Output, write)

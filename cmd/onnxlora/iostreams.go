@@ -7,6 +7,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/onnxlora/onnxlora/internal/termsafe"
 )
 
 // IOStreams are the streams a command reads and writes. Commands never touch
@@ -51,7 +53,7 @@ func (s *IOStreams) Notef(format string, args ...any) {
 	if s.Quiet {
 		return
 	}
-	fmt.Fprintf(s.ErrOut, format+"\n", args...)
+	fmt.Fprintln(s.ErrOut, termsafe.Escape(fmt.Sprintf(format, args...)))
 }
 
 // Warnf prints "warning: ..." on ErrOut unless Quiet.
@@ -59,7 +61,7 @@ func (s *IOStreams) Warnf(format string, args ...any) {
 	if s.Quiet {
 		return
 	}
-	fmt.Fprintf(s.ErrOut, "warning: "+format+"\n", args...)
+	fmt.Fprintln(s.ErrOut, "warning: "+termsafe.Escape(fmt.Sprintf(format, args...)))
 }
 
 // StartProgress draws a spinner with label on ErrOut while a long operation

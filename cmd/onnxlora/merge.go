@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/termsafe"
 	"github.com/onnxlora/onnxlora/rewrite"
 )
 
@@ -209,6 +210,7 @@ func runMerge(opts *MergeOptions) error {
 	if err != nil {
 		return err
 	}
+	warnNonFinite(ios, rep)
 	if opts.JSON {
 		return writeJSON(ios.Out, rep)
 	}
@@ -248,7 +250,7 @@ func writeMergeTable(w io.Writer, rep *rewrite.MergeReport) {
 		if l.PEFTModule != "" && l.PEFTModule != l.Module {
 			module += " <- " + l.PEFTModule
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%.6g\t%.3g\t%d/%d\n", module, weight, formatDims(l.Shape), l.DType, l.Rank, l.Factor, l.MaxDelta, l.Changed, l.Elements)
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%.6g\t%.3g\t%d/%d\n", termsafe.Quote(module), termsafe.Quote(weight), formatDims(l.Shape), l.DType, l.Rank, l.Factor, l.MaxDelta, l.Changed, l.Elements)
 	}
 	tw.Flush()
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/internal/paths"
+	"github.com/onnxlora/onnxlora/internal/termsafe"
 	"github.com/onnxlora/onnxlora/rewrite"
 )
 
@@ -287,3 +288,14 @@ func registerAllowSymlinks(root *cobra.Command) {
 
 // samePath reports whether a and b name the same file (paths.Same).
 func samePath(a, b string) bool { return paths.Same(a, b) }
+
+// warnNonFinite says, even with --quiet, which merged weights hold NaN or
+// infinite values: the model was written (without --safe), but it is
+// almost certainly broken.
+func warnNonFinite(ios *IOStreams, rep *rewrite.MergeReport) {
+	for _, l := range rep.Merged {
+		if l.NonFinite > 0 {
+			fmt.Fprintln(ios.ErrOut, "warning: "+termsafe.Escape(fmt.Sprintf("merging %s wrote %d NaN or infinite values (of %d) into %s; --safe refuses such a merge", l.Module, l.NonFinite, l.Elements, l.Weight)))
+		}
+	}
+}

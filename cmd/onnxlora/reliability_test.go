@@ -9,6 +9,12 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/graph/onnxpb"
+	"github.com/onnxlora/onnxlora/ortrun/orttest"
 )
 
 // copyTree copies the regular files of src into a new folder dst.
@@ -212,5 +218,132 @@ func TestFIFOInputsDoNotHang(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Errorf("%v: still running after 10 s: blocked on a FIFO", args)
 		}
+	}
+}
+
+// TestHugeAllocationsRefused: inputs that declare more data than exists, or
+// ask for more memory than the machine has, fail with one line instead of
+// Go's fatal "out of memory" (or a hang swapping).
+func TestHugeAllocationsRefused(t *testing.T) {
+	dir := t.TempDir()
+	tiny := func(name string, w *onnxpb.TensorProto) string {
+		g := &onnxpb.GraphProto{
+			Name:        proto.String("g"),
+			Initializer: []*onnxpb.TensorProto{w},
+			Node:        []*onnxpb.NodeProto{{Name: proto.String("/fc/MatMul"), OpType: proto.String("MatMul"), Input: []string{"x", w.GetName()}, Output: []string{"y"}}},
+			Input:       []*onnxpb.ValueInfoProto{{Name: proto.String("x")}},
+			Output:      []*onnxpb.ValueInfoProto{{Name: proto.String("y")}},
+		}
+		mp := &onnxpb.ModelProto{IrVersion: proto.Int64(8), OpsetImport: []*onnxpb.OperatorSetIdProto{{Version: proto.Int64(17)}}, Graph: g}
+		b, _ := proto.Marshal(mp)
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, b, 0o644)
+		return p
+	}
+	noData := tiny("nodata.onnx", &onnxpb.TensorProto{Name: proto.String("fc.weight"), DataType: proto.Int32(int32(graph.Float)), Dims: []int64{1 << 36, 16}})
+	fewValues := tiny("few.onnx", &onnxpb.TensorProto{Name: proto.String("fc.weight"), DataType: proto.Int32(int32(graph.Float)), Dims: []int64{1 << 20, 1 << 20}, FloatData: []float32{1, 2, 3, 4}})
+	out := filepath.Join(dir, "out.onnx")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"inject", model("tiny-gpt.onnx"), "-o", out, "--target", "q_proj", "--rank", "2147483648"}, "min(in, out)"},
+		{[]string{"inject", model("tiny-gpt.onnx"), "-o", out, "--target", "q_proj", "--rank", "1099511627776", "--allow-large-rank"}, "more than this machine has"},
+		{[]string{"inspect", noData}, "holds no data"},
+		{[]string{"inject", noData, "-o", out, "--target", "fc"}, "holds no data"},
+		{[]string{"merge", fewValues, "-o", out}, "the tensor holds 4"},
+	} {
+		r := run(t, tc.args...)
+		if r.code != 1 || strings.Count(r.stderr, "\n") != 1 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit 1 and one line with %q", tc.args[:2], r.code, r.stderr, tc.want)
+		}
+	}
+	if _, err := os.Stat(out); err == nil {
+		t.Error("an output was written")
+	}
+	orttest.Require(t)
+	r := run(t, "verify", model("tiny-gpt.onnx"), model("tiny-gpt.onnx"), "--dim", "sequence=2147483648")
+	if r.code != 1 || strings.Count(r.stderr, "\n") != 1 || !strings.Contains(r.stderr, "more than this machine has") {
+		t.Errorf("verify --dim sequence=2^31: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// TestMergeWarnsNonFinite: a merge that turns weights into Inf or NaN
+// says so on stderr (even with --quiet) and fails with --safe.
+func TestMergeWarnsNonFinite(t *testing.T) {
+	dir := t.TempDir()
+	lora := filepath.Join(dir, "lora.onnx")
+	mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", lora, "--target", "q_proj", "-q")
+	m, err := graph.Load(lora)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ti := range m.Proto.Graph.Initializer {
+		if strings.HasSuffix(ti.GetName(), ".lora_A.weight") || strings.HasSuffix(ti.GetName(), ".lora_B.weight") {
+			n, _ := graph.NumElements(ti.Dims)
+			v := make([]float64, n)
+			for i := range v {
+				v[i] = 1e30 // A·B overflows float32
+			}
+			graph.SetFloat64s(ti, v)
+		}
+	}
+	huge := filepath.Join(dir, "huge.onnx")
+	if err := m.Save(huge, graph.SaveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	r := mustRun(t, "merge", huge, "-o", filepath.Join(dir, "out.onnx"), "-q")
+	if !strings.Contains(r.stderr, "warning: merging") || !strings.Contains(r.stderr, "NaN or infinite") {
+		t.Errorf("merge into Inf: stderr %q; want a warning", r.stderr)
+	}
+	r = run(t, "merge", huge, "-o", filepath.Join(dir, "safe.onnx"), "--safe")
+	if r.code != 1 || !strings.Contains(r.stderr, "NaN or infinite") {
+		t.Errorf("--safe: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// TestControlCharactersQuoted: names holding control characters (here an
+// escape sequence that clears the screen) are printed quoted by inspect,
+// inject and merge, and in errors and warnings.
+func TestControlCharactersQuoted(t *testing.T) {
+	dir := t.TempDir()
+	const evil = "evil\x1b[2J"
+	d := int64(8)
+	vals := make([]float64, d*d)
+	for i := range vals {
+		vals[i] = float64(i%7) * 0.1
+	}
+	w, _ := graph.NewFloatTensor(evil+".fc.weight", graph.Float, []int64{d, d}, vals)
+	g := &onnxpb.GraphProto{
+		Name:        proto.String("g"),
+		Initializer: []*onnxpb.TensorProto{w},
+		Node:        []*onnxpb.NodeProto{{Name: proto.String("/" + evil + "/fc/MatMul"), OpType: proto.String("MatMul"), Input: []string{"x", w.GetName()}, Output: []string{"y"}}},
+		Input:       []*onnxpb.ValueInfoProto{{Name: proto.String("x")}},
+		Output:      []*onnxpb.ValueInfoProto{{Name: proto.String("y")}},
+	}
+	mp := &onnxpb.ModelProto{IrVersion: proto.Int64(8), OpsetImport: []*onnxpb.OperatorSetIdProto{{Version: proto.Int64(17)}}, Graph: g}
+	p := filepath.Join(dir, "evil.onnx")
+	if err := graph.NewModel(mp, "").Save(p, graph.SaveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	lora := filepath.Join(dir, "lora.onnx")
+	outs := []result{
+		mustRun(t, "inspect", p),
+		mustRun(t, "inject", p, "-o", lora, "--target", "fc", "--dry-run"),
+		mustRun(t, "inject", p, "-o", lora, "--target", "fc"),
+		mustRun(t, "merge", lora, "-o", filepath.Join(dir, "merged.onnx")),
+		run(t, "inject", lora, "-o", filepath.Join(dir, "again.onnx"), "--target", "fc"),
+	}
+	for i, r := range outs {
+		if strings.Contains(r.stdout+r.stderr, "\x1b") {
+			t.Errorf("run %d printed a raw escape character:\n%q\n%q", i, r.stdout, r.stderr)
+		}
+	}
+	if !strings.Contains(outs[0].stdout, `\x1b[2J`) {
+		t.Errorf("inspect does not show the name quoted:\n%s", outs[0].stdout)
+	}
+	if outs[4].code == 0 || !strings.Contains(outs[4].stderr, `\x1b[2J`) {
+		t.Errorf("the error naming the module: exit %d, %q", outs[4].code, outs[4].stderr)
 	}
 }

@@ -63,6 +63,8 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/onnxlora/onnxlora/internal/termsafe"
 )
 
 // Factory carries what commands share: the I/O streams and the build
@@ -225,5 +227,5 @@ func printError(w io.Writer, msg string) {
 			parts = append(parts, line)
 		}
 	}
-	fmt.Fprintf(w, "onnxlora: %s\n", strings.Join(parts, " "))
+	fmt.Fprintf(w, "onnxlora: %s\n", termsafe.Escape(strings.Join(parts, " ")))
 }
