@@ -49,6 +49,10 @@ type InjectConfig struct {
 	// IR version 4 is raised to 4 (initializers become overridable inputs
 	// only from IR 4).
 	AdapterInputs bool
+	// AllowLargeRank lets a rank exceed min(in, out) of its layer (an
+	// update A·B of rank r > min(in, out) is no more expressive, only
+	// larger); the memory it needs is checked either way.
+	AllowLargeRank bool
 	// factors holds the PiSSA/OLoRA starting A and B per module, set by
 	// Inject for those inits.
 	factors map[string]*initFactors
@@ -133,6 +137,13 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 	inj := &Injection{Manifest: man}
 	if err := checkLayerKinds(layers, sel, cfg); err != nil {
 		return nil, err
+	}
+	if !cfg.AdapterInputs {
+		for _, s := range sel {
+			if err := checkRank(layers[s.Index], s.Rank, cfg.AllowLargeRank); err != nil {
+				return nil, err
+			}
+		}
 	}
 	// PiSSA/OLoRA: factors from the weights, residuals into the base.
 	if cfg.factors, err = baseInit(m, layers, sel, cfg, adapted); err != nil {
