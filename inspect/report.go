@@ -27,8 +27,11 @@ type Report struct {
 	Totals Totals  `json:"totals"`
 	// Selection is what a selection would adapt; nil when none was asked.
 	Selection *Selection `json:"selection"`
-	// Adapters are the adapters listed in the model's manifest.
-	Adapters []Adapter `json:"adapters"`
+	// Adapters are the adapters listed in the model's manifest, or, when
+	// it has none (metadata stripped), found by their branch shape; then
+	// AdaptersRecognized is set.
+	Adapters           []Adapter `json:"adapters"`
+	AdaptersRecognized bool      `json:"adapters_recognized,omitempty"`
 	// Skipped are MatMul-like nodes that cannot take an adapter.
 	Skipped []rewrite.Skipped `json:"skipped"`
 }
@@ -208,6 +211,7 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 		// Metadata stripped: the adapters are found by their branches.
 		if rec, err := rewrite.RecognizedAdapters(m); err == nil && len(rec) > 0 {
 			man = &rewrite.Manifest{Adapters: rec}
+			r.AdaptersRecognized = true
 		}
 	}
 	adapted := map[string]*rewrite.Adapter{}

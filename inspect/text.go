@@ -189,7 +189,11 @@ func describeSelection(s *Selection) string {
 }
 
 func writeAdapters(w io.Writer, r *Report) {
-	fmt.Fprintf(w, "\nAdapters: %d (from the model's onnxlora.adapters manifest)\n", len(r.Adapters))
+	if r.AdaptersRecognized {
+		fmt.Fprintf(w, "\nAdapters: %d (found by their branch shape: the model has no onnxlora.adapters manifest)\n", len(r.Adapters))
+	} else {
+		fmt.Fprintf(w, "\nAdapters: %d (from the model's onnxlora.adapters manifest)\n", len(r.Adapters))
+	}
 	tw := newTable(w)
 	fmt.Fprintln(tw, "  MODULE\tRANK\tALPHA\tSCALING\t[IN,OUT]\tDTYPE\tPARAMS\t||scaling*A*B||_F")
 	var params int64

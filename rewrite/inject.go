@@ -49,6 +49,12 @@ type InjectConfig struct {
 	// IR version 4 is raised to 4 (initializers become overridable inputs
 	// only from IR 4).
 	AdapterInputs bool
+	// AdapterDType is the type of A, B and the scaling beside float16 and
+	// bfloat16 layers: graph.Float puts float32 factors in a branch with a
+	// Cast on each side (PEFT keeps adapters in float32, so training
+	// updates do not vanish in half precision); Undefined uses the layer's
+	// type. Other layers always use their own type.
+	AdapterDType graph.DataType
 	// AllowLargeRank lets a rank exceed min(in, out) of its layer (an
 	// update A·B of rank r > min(in, out) is no more expressive, only
 	// larger); the memory it needs is checked either way.
@@ -218,7 +224,11 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	if cfg.AdapterInputs {
 		kind = adapterInputBranch
 		a.Mode, a.Rank, a.Alpha, a.Scaling, a.RSLoRA = ModeAdapterInputs, 0, 0, 1, false
+	} else if ck := castBranchFor(l.DType); ck != nil && kind == loraBranch && cfg.AdapterDType == graph.Float {
+		kind = ck
 	}
+	pdt := kind.paramDType(l.DType)
+	a.DType = pdt.String()
 	// The description says what the branch is; this says what its params
 	// hold: A drawn from the adapter's stream, B zero, the scaling, and
 	// the dropout ratio (an input from opset 12, an attribute before);
@@ -240,9 +250,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 			if l.Op == opConv {
 				dims, vals = convFactor(l, p.Name, r, cfg)
 			}
-			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_"+p.Name+".weight"), l.DType, dims, vals)
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_"+p.Name+".weight"), pdt, dims, vals)
 		case "S":
-			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), l.DType, nil, []float64{scaling})
+			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), pdt, nil, []float64{scaling})
 		case "ratio":
 			if m.Opset() < 12 {
 				return "", &onnxpb.AttributeProto{

@@ -35,7 +35,9 @@ type InjectOptions struct {
 	AdapterInputs bool
 	// AllowLargeRank is --allow-large-rank.
 	AllowLargeRank bool
-	conflicts      []string
+	// AdapterDType is --adapter-dtype: float32 or layer.
+	AdapterDType string
+	conflicts    []string
 
 	// config is the validated configuration, set by the command.
 	config rewrite.InjectConfig
@@ -107,6 +109,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "initialization: kaiming (PEFT's default) or gaussian for A with B = 0; pissa, pissa_niter_N or olora for A and B from the weight's SVD or QR, the residual written into the base")
 	fl.Uint64Var(&opts.Seed, "seed", 0, "random seed for lora_A; the same seed gives the same weights")
 	fl.BoolVar(&opts.AllowLargeRank, "allow-large-rank", false, "allow a rank above min(in, out) of a layer (refused by default: it adds size, not expressiveness)")
+	fl.StringVar(&opts.AdapterDType, "adapter-dtype", "float32", "type of lora_A/lora_B beside float16/bfloat16 layers: float32 (PEFT's, with Casts around the branch) or layer (the layer's own type)")
 	fl.BoolVar(&opts.AdapterInputs, "adapter-inputs", false, "make lora_A/lora_B graph inputs with rank-0 defaults, the scaling in B, for ONNX Runtime's .onnx_adapter files (docs/serving.md)")
 	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
 	fl.BoolVar(&opts.DryRun, "dry-run", false, "print the layers that would be adapted and write nothing")
@@ -150,6 +153,13 @@ func (o *InjectOptions) validate() error {
 		return usageErrorf("--adapter-inputs takes no %s: the rank and scaling come with each adapter file", strings.Join(o.conflicts, ", "))
 	}
 	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs, AllowLargeRank: o.AllowLargeRank}
+	switch strings.ToLower(o.AdapterDType) {
+	case "float32", "float", "fp32":
+		o.config.AdapterDType = graph.Float
+	case "layer":
+	default:
+		return usageErrorf("invalid argument %q for --adapter-dtype: want float32 or layer", o.AdapterDType)
+	}
 	return nil
 }
 
