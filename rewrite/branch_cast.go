@@ -67,5 +67,5 @@ func (k *branchKind) paramDType(layerDT graph.DataType) graph.DataType {
 	return layerDT
 }
 
-func strp(s string) *string  { return &s }
+func strp(s string) *string { return &s }
 func int64p(v int64) *int64 { return &v }
