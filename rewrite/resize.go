@@ -138,7 +138,7 @@ func Resize(m *graph.Model, opts ResizeOptions) (*ResizeReport, error) {
 		if !sel[f.Module] {
 			continue
 		}
-		if f.Kind != loraBranch {
+		if !resizable(f) {
 			return nil, fmt.Errorf("adapter %s is a %s branch; resize takes LoRA branches whose A, B and scaling are initializers", f.Module, f.Kind.Name)
 		}
 		a, err := m.Float64s(f.TA)
@@ -188,6 +188,13 @@ func Resize(m *graph.Model, opts ResizeOptions) (*ResizeReport, error) {
 		}
 	}
 	return report, nil
+}
+
+// resizable reports whether an adapter's branch holds A [in, r], B [r, out]
+// and a scaling as initializers: plain LoRA, and LoRA with float32 factors
+// beside a half-precision layer.
+func resizable(f *foundAdapter) bool {
+	return f.Kind == loraBranch || f.Kind == castBranchF16 || f.Kind == castBranchBF16
 }
 
 // setLastDim changes the last axis of a value's declared shape, when it is
@@ -354,7 +361,7 @@ func Spectra(m *graph.Model) ([]AdapterSpectrum, error) {
 	}
 	out := make([]AdapterSpectrum, 0, len(found))
 	for _, f := range found {
-		if f.Kind != loraBranch && !f.isInputs() {
+		if !resizable(f) && !f.isInputs() {
 			return nil, fmt.Errorf("adapter %s is a %s branch; spectra are computed for LoRA branches", f.Module, f.Kind.Name)
 		}
 		if f.TA == nil || f.TB == nil || f.Rank == 0 {

@@ -257,7 +257,8 @@ func TestInitErrors(t *testing.T) {
 		cfg  InjectConfig
 		want string
 	}{
-		{InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: c.In + 1, Alpha: 1}, Init: InitPiSSA}, "exceeds min(in, out)"},
+		{InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: c.In + 1, Alpha: 1}, Init: InitPiSSA}, "min(in, out)"},
+		{InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: c.In + 1, Alpha: 1}, Init: InitPiSSA, AllowLargeRank: true}, "exceeds min(in, out)"},
 		{InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: 2, Alpha: -1}, Init: InitOLoRA}, "scaling must be positive"},
 		{InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: 2, Alpha: 1}, Init: "pissa_niter_x"}, "unknown init"},
 		{InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: 2, Alpha: 1}, Init: "svd"}, "unknown init"},
@@ -278,7 +279,7 @@ func TestInitErrors(t *testing.T) {
 // factors to lora_A a [r, in] and lora_B b [out, r].
 func vtInjectFactors(t *testing.T, m *graph.Model, a, b []float64, in, out, r int, alpha float64) Adapter {
 	t.Helper()
-	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: r, Alpha: alpha}})
+	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc"}, Rank: r, Alpha: alpha}, AllowLargeRank: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -632,5 +633,33 @@ func TestApplyPEFTResidualInit(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestResizeFloat32OnHalf: adapters with float32 factors beside a float16
+// layer resize like plain ones; full rank keeps the update.
+func TestResizeFloat32OnHalf(t *testing.T) {
+	m := loadModel(t, mgTestModels+"/tiny-gpt-fp16.onnx")
+	inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"q_proj"}, Rank: 4, Alpha: 8}, Init: InitPiSSA, AdapterDType: graph.Float})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := Spectra(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Resize(m, ResizeOptions{Rank: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := Spectra(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Layers) != len(inj.Layers) || vtMaxDiff(before[0].Singular, after[0].Singular) > 1e-5*before[0].Singular[0] {
+		t.Errorf("full-rank resize changed the spectrum: %v -> %v", before[0].Singular, after[0].Singular)
+	}
+	if dt := graph.DataType(mgTensorByName(m, inj.Manifest.Adapters[0].LoraA).GetDataType()); dt != graph.Float {
+		t.Errorf("lora_A is %v after resize, want FLOAT", dt)
 	}
 }
