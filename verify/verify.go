@@ -487,6 +487,10 @@ func compareOutput(o *OutputReport, a, b ortrun.Tensor, sample int, warn func(st
 			o.Problem = err.Error()
 		}
 		maxAbs, maxRel, ok = math.Inf(1), math.Inf(1), false
+	} else if math.IsInf(maxAbs, 1) && o.Problem == "" {
+		// An infinite difference is a NaN or infinity on one side only:
+		// say which, rather than "max abs inf".
+		o.Problem = nonFiniteMismatch(a, b)
 	}
 	o.MaxAbs = math.Max(o.MaxAbs, maxAbs)
 	o.MaxRel = math.Max(o.MaxRel, maxRel)
@@ -494,6 +498,49 @@ func compareOutput(o *OutputReport, a, b ortrun.Tensor, sample int, warn func(st
 		o.FailedSamples++
 		o.Pass = false
 	}
+}
+
+// nonFiniteMismatch describes where A and B disagree on NaN or infinity,
+// e.g. "NaN in B where A is finite (3 values)".
+func nonFiniteMismatch(a, b ortrun.Tensor) string {
+	av, err1 := a.Float64s()
+	bv, err2 := b.Float64s()
+	if err1 != nil || err2 != nil || len(av) != len(bv) {
+		return ""
+	}
+	kind := func(v float64) string {
+		switch {
+		case math.IsNaN(v):
+			return "NaN"
+		case math.IsInf(v, 1):
+			return "+Inf"
+		case math.IsInf(v, -1):
+			return "-Inf"
+		}
+		return "finite"
+	}
+	counts := map[[2]string]int{}
+	var order [][2]string
+	for i := range av {
+		ka, kb := kind(av[i]), kind(bv[i])
+		if ka == kb {
+			continue
+		}
+		k := [2]string{kb, ka}
+		if counts[k] == 0 {
+			order = append(order, k)
+		}
+		counts[k]++
+	}
+	var parts []string
+	for _, k := range order {
+		n := fmt.Sprintf("%d values", counts[k])
+		if counts[k] == 1 {
+			n = "1 value"
+		}
+		parts = append(parts, fmt.Sprintf("%s in B where A is %s (%s)", k[0], k[1], n))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // checkCompatible requires the same input and output names and dtypes, and

@@ -166,17 +166,6 @@ func sameSums(a, b map[string][32]byte) bool {
 	return true
 }
 
-func listNames(t *testing.T, dir string) []string {
-	t.Helper()
-	es, _ := os.ReadDir(dir)
-	var names []string
-	for _, e := range es {
-		names = append(names, e.Name())
-	}
-	sort.Strings(names)
-	return names
-}
-
 // cleanDir checks that dir holds exactly out.onnx and the data files it
 // uses: no temporaries, no lock, no orphaned data.
 func cleanDir(t *testing.T, dir, what string) {

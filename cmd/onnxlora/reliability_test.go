@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -52,6 +53,17 @@ func copyFile(t *testing.T, src, dst string) {
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func listNames(t *testing.T, dir string) []string {
+	t.Helper()
+	es, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range es {
+		names = append(names, e.Name())
+	}
+	sort.Strings(names)
+	return names
 }
 
 // snapshot hashes every regular file under dir, by path.
@@ -345,5 +357,94 @@ func TestControlCharactersQuoted(t *testing.T) {
 	}
 	if outs[4].code == 0 || !strings.Contains(outs[4].stderr, `\x1b[2J`) {
 		t.Errorf("the error naming the module: exit %d, %q", outs[4].code, outs[4].stderr)
+	}
+}
+
+// TestFailedOutputsLeaveNothing: a command that fails part way writes no
+// output at all: inject whose --manifest cannot be written leaves no model,
+// export-adapter that finds no adapter leaves no folder, merge into a
+// missing folder says so (not the name of a temporary file), and inspect -o
+// a folder says it is one.
+func TestFailedOutputsLeaveNothing(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out.onnx")
+	r := run(t, "inject", model("tiny-gpt.onnx"), "-o", out, "--target", "q_proj", "--manifest", filepath.Join(dir, "no", "such", "man.json"))
+	if r.code != 1 || !strings.Contains(r.stderr, "does not exist") {
+		t.Errorf("inject --manifest in a missing folder: exit %d, %q", r.code, r.stderr)
+	}
+	if _, err := os.Stat(out); err == nil {
+		t.Error("inject wrote the model though the manifest failed")
+	}
+	ad := filepath.Join(dir, "adapter")
+	r = run(t, "export-adapter", model("tiny-gpt.onnx"), "-o", ad)
+	if r.code == 0 {
+		t.Error("export-adapter of a model without adapters succeeded")
+	}
+	if _, err := os.Stat(ad); err == nil {
+		t.Error("a failed export-adapter left its -o folder")
+	}
+	trained := trainedModel(t, "tiny-gpt.onnx", "q_proj")
+	r = run(t, "merge", trained, "-o", filepath.Join(dir, "missing", "merged.onnx"))
+	if r.code != 1 || !strings.Contains(r.stderr, "folder "+filepath.Join(dir, "missing")+" does not exist") || strings.Contains(r.stderr, "onnxlora-tmp") {
+		t.Errorf("merge into a missing folder: exit %d, %q", r.code, r.stderr)
+	}
+	r = run(t, "inspect", model("tiny-gpt.onnx"), "-o", dir)
+	if r.code != 1 || !strings.Contains(r.stderr, "is a folder") || strings.Contains(r.stderr, "file exists") {
+		t.Errorf("inspect -o a folder: exit %d, %q", r.code, r.stderr)
+	}
+	if names := listNames(t, dir); len(names) != 0 {
+		t.Errorf("left %v", names)
+	}
+}
+
+// TestStreamedMergeFileModes: a merge with external data writes the data
+// file with the model's mode (the streamed merge once made it 0600).
+func TestStreamedMergeFileModes(t *testing.T) {
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	dir := t.TempDir()
+	trained := trainedModel(t, "tiny-gpt.onnx", "q_proj")
+	out := filepath.Join(dir, "merged.onnx")
+	mustRun(t, "merge", trained, "-o", out, "--external", "always", "-q")
+	for _, n := range listNames(t, dir) {
+		st, _ := os.Stat(filepath.Join(dir, n))
+		if st.Mode().Perm() != 0o644 {
+			t.Errorf("%s has mode %v, want 0644", n, st.Mode().Perm())
+		}
+	}
+	if len(listNames(t, dir)) != 2 {
+		t.Errorf("expected a model and its data file: %v", listNames(t, dir))
+	}
+}
+
+// TestAllowSymlinksHubCache: a model in a Hugging Face cache snapshot (the
+// files are symlinks into ../../blobs) is refused by default and read with
+// --allow-symlinks naming the cache.
+func TestAllowSymlinksHubCache(t *testing.T) {
+	hub := t.TempDir()
+	snap := filepath.Join(hub, "models--org--tiny", "snapshots", "0123abcd")
+	blobs := filepath.Join(hub, "models--org--tiny", "blobs")
+	os.MkdirAll(snap, 0o755)
+	os.MkdirAll(blobs, 0o755)
+	copyFile(t, model("tiny-gpt-extdata/model.onnx"), filepath.Join(blobs, "aaa"))
+	copyFile(t, model("tiny-gpt-extdata/model.onnx.data"), filepath.Join(blobs, "bbb"))
+	if err := os.Symlink("../../blobs/aaa", filepath.Join(snap, "model.onnx")); err != nil {
+		t.Skip("no symlinks:", err)
+	}
+	os.Symlink("../../blobs/bbb", filepath.Join(snap, "model.onnx.data"))
+	p := filepath.Join(snap, "model.onnx")
+	r := run(t, "inspect", p)
+	if r.code != 1 || !strings.Contains(r.stderr, "--allow-symlinks") {
+		t.Errorf("default: exit %d, %q; want a refusal naming --allow-symlinks", r.code, r.stderr)
+	}
+	r = mustRun(t, "inspect", p, "--allow-symlinks", hub)
+	if !strings.Contains(r.stdout, "model.onnx.data") {
+		t.Errorf("inspect through the cache: %s", r.stdout)
+	}
+	out := filepath.Join(t.TempDir(), "lora.onnx")
+	mustRun(t, "inject", p, "-o", out, "--target", "q_proj", "--allow-symlinks", hub, "-q")
+	// The setting does not outlive the command.
+	if r := run(t, "inspect", p); r.code != 1 {
+		t.Errorf("a later command without the flag read the cache: exit %d", r.code)
 	}
 }
