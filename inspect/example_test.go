@@ -33,7 +33,7 @@ func ExampleBuild() {
 	// model.layers.0.self_attn.q_proj MatMul [32,32] selected=true
 	// model.layers.0.self_attn.k_proj MatMul [32,32] selected=false
 	// model.layers.0.self_attn.v_proj MatMul [32,32] selected=true
-	// trainable params: 1024 || all params: 26880 || trainable%: 3.8095
+	// trainable params: 1,024 || all params: 26,880 || trainable%: 3.8095
 }
 
 // After inject, the report lists the adapters from the model's manifest.

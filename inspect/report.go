@@ -391,7 +391,7 @@ func (r *Report) buildSelection(layers []*rewrite.Layer, adapted map[string]*rew
 	if s.All > 0 {
 		s.TrainablePercent = 100 * float64(s.Trainable) / float64(s.All)
 	}
-	s.Summary = fmt.Sprintf("trainable params: %d || all params: %d || trainable%%: %.4f", s.Trainable, s.All, s.TrainablePercent)
+	s.Summary = rewrite.TrainableLine(s.Trainable, s.All)
 	s.TrainablePercent = round6(s.TrainablePercent)
 	r.Selection = s
 	return nil

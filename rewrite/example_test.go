@@ -53,7 +53,7 @@ func Example() {
 	}
 	fmt.Println("trainable:", man.Trainable[0], "...", len(man.Trainable), "initializers")
 	// Output:
-	// trainable params: 2048 || all params: 27904 || trainable%: 7.3394
+	// trainable params: 2,048 || all params: 27,904 || trainable%: 7.3394
 	// model.layers.0.self_attn.q_proj: A [32,8], B [8,32], scaling 2
 	// model.layers.0.self_attn.v_proj: A [32,8], B [8,32], scaling 2
 	// model.layers.1.self_attn.q_proj: A [32,8], B [8,32], scaling 2

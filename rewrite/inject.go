@@ -74,13 +74,7 @@ type Injection struct {
 }
 
 // String renders the counts the way PEFT's print_trainable_parameters does.
-func (inj *Injection) String() string {
-	pct := 0.0
-	if inj.All > 0 {
-		pct = 100 * float64(inj.Trainable) / float64(inj.All)
-	}
-	return fmt.Sprintf("trainable params: %d || all params: %d || trainable%%: %.4f", inj.Trainable, inj.All, pct)
-}
+func (inj *Injection) String() string { return TrainableLine(inj.Trainable, inj.All) }
 
 // Plan selects the layers Inject would adapt, without changing the model.
 func Plan(m *graph.Model, cfg SelectOptions) ([]*Layer, []Selection, error) {

@@ -474,7 +474,7 @@ func TestPrintTrainable(t *testing.T) {
 	if inj.All != base+want {
 		t.Errorf("all params %d, want %d", inj.All, base+want)
 	}
-	if !strings.HasPrefix(inj.String(), "trainable params: 2048 || all params: ") {
+	if !strings.HasPrefix(inj.String(), "trainable params: 2,048 || all params: ") {
 		t.Errorf("summary %q", inj.String())
 	}
 }

@@ -378,3 +378,15 @@ func TestMapRules(t *testing.T) {
 		}
 	}
 }
+
+func TestTrainableLineLikePEFT(t *testing.T) {
+	// Python: f"{n:,d}" for each n.
+	for n, want := range map[int64]string{0: "0", 999: "999", 1000: "1,000", 27904: "27,904", 1234567: "1,234,567", -1234: "-1,234", 100000: "100,000"} {
+		if got := thousands(n); got != want {
+			t.Errorf("thousands(%d) = %q, want %q", n, got, want)
+		}
+	}
+	if got := TrainableLine(2048, 27904); got != "trainable params: 2,048 || all params: 27,904 || trainable%: 7.3394" {
+		t.Errorf("got %q", got)
+	}
+}

@@ -52,7 +52,7 @@ func TestInjectTinyGPT(t *testing.T) {
 	r := mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", out, "--target", "q_proj,v_proj",
 		"--rank", "8", "--alpha", "16", "--manifest", manifestFile)
 
-	want := "trainable params: 2048 || all params: 27904 || trainable%: 7.3394\n"
+	want := "trainable params: 2,048 || all params: 27,904 || trainable%: 7.3394\n"
 	if r.stdout != want {
 		t.Errorf("stdout = %q, want %q", r.stdout, want)
 	}
@@ -115,7 +115,7 @@ func TestInjectDryRunWritesNothing(t *testing.T) {
 			t.Errorf("dry run output does not list %s:\n%s", m, r.stdout)
 		}
 	}
-	if !strings.Contains(r.stdout, "trainable params: 2048 || all params: 27904") {
+	if !strings.Contains(r.stdout, "trainable params: 2,048 || all params: 27,904") {
 		t.Errorf("dry run output lacks the PEFT line:\n%s", r.stdout)
 	}
 	testutil.Golden(t, "inject-dry-run.txt", []byte(strings.ReplaceAll(r.stdout, dir, "$TMP")))
