@@ -325,6 +325,7 @@ func TestCrashConsistency(t *testing.T) {
 		}, in},
 	} {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			start := time.Now()
 			killed, nothing, old, new := runCrashCase(t, bin, c, kills)
 			t.Logf("%s, %d MB: %d runs, %d killed while running, in %v: afterwards nothing %d, previous output %d, new output %d; every complete run after left a clean folder",

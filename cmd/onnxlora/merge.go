@@ -116,7 +116,7 @@ func (o *MergeOptions) validate(cmd *cobra.Command) error {
 	if o.Output == "" {
 		return usageErrorf("missing -o/--output: where to write the merged model")
 	}
-	if err := checkPaths(nil, append([]string{"the model", o.Model}, peftFiles("the adapter", o.Adapter)...), modelOutputs("-o", o.Output)); err != nil {
+	if err := checkPaths(nil, append([]string{"the model", o.Model}, adapterFiles("the adapter", o.Adapter)...), modelOutputs("-o", o.Output)); err != nil {
 		return err
 	}
 	if o.Scale == 0 || math.IsNaN(o.Scale) || math.IsInf(o.Scale, 0) {

@@ -170,12 +170,15 @@ func saveModel(ios *IOStreams, m *graph.Model, path string, opts graph.SaveOptio
 }
 
 // checkOutput refuses an output path that is one of the inputs (the same
-// path, or the same file through a link). It is checkPaths for a command
-// with one output; the inputs are described by position.
+// path, or the same file through a link), or one of the PEFT files in an
+// input folder. It is checkPaths for a command with one output.
 func checkOutput(output string, inputs ...string) error {
 	var ins []string
 	for _, in := range inputs {
 		ins = append(ins, "the input", in)
+		if st, err := os.Stat(in); err == nil && st.IsDir() {
+			ins = append(ins, peftFiles("the input adapter", in)...)
+		}
 	}
 	return checkPaths(nil, ins, []string{"output", output})
 }
@@ -221,14 +224,20 @@ func modelOutputs(flag, out string) []string {
 	return []string{flag, out, "the data file of " + flag, data}
 }
 
+// adapterFiles is peftFiles for a folder, or the path itself for an
+// adapter file (such as X.onnx_adapter).
+func adapterFiles(what, path string) []string {
+	if st, err := os.Stat(path); err == nil && !st.IsDir() {
+		return []string{what, path}
+	}
+	return peftFiles(what, path)
+}
+
 // peftFiles lists the files of a PEFT adapter folder that onnxlora reads
-// and writes (or an adapter file itself), for checkPaths.
+// and writes, for checkPaths.
 func peftFiles(what, dir string) []string {
 	if dir == "" {
 		return nil
-	}
-	if st, err := os.Stat(dir); err == nil && !st.IsDir() {
-		return []string{what, dir} // an adapter file, such as X.onnx_adapter
 	}
 	return []string{
 		what + " config", filepath.Join(dir, export.PEFTConfigFile),
