@@ -25,7 +25,7 @@ type PEFTConfig struct {
 	LoraAlpha           float64 // lora_alpha, the default alpha
 	LoraDropout         float64 // lora_dropout (training only)
 	UseRSLoRA           bool    // use_rslora: scaling alpha/sqrt(r) instead of alpha/r
-	UseDoRA             bool    // use_dora; refused when true
+	UseDoRA             bool    // use_dora: modules carry lora_magnitude_vector
 	FanInFanOut         bool    // fan_in_fan_out: the base weight is stored [in, out] (GPT-2 Conv1D)
 	InferenceMode       bool    // inference_mode
 	Bias                string  // bias: "none", "all" or "lora_only"
@@ -174,9 +174,6 @@ func (c *PEFTConfig) Validate() error {
 	}
 	if math.IsNaN(c.LoraAlpha) || math.IsInf(c.LoraAlpha, 0) {
 		return fmt.Errorf("lora_alpha is %v", c.LoraAlpha)
-	}
-	if c.UseDoRA {
-		return fmt.Errorf("%w: DoRA (use_dora=true) adds a magnitude vector that a plain LoRA merge would ignore", ErrUnsupported)
 	}
 	switch c.Bias {
 	case "", "none", "all", "lora_only":

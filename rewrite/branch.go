@@ -37,6 +37,9 @@ type branchParam struct {
 	Dims []string
 	// Optional params may be missing from the node that reads them.
 	Optional bool
+	// LayerValue params are the layer's own inputs (DoRA reads the
+	// weight and the bias), so they may be the base weight.
+	LayerValue bool
 }
 
 // paramClass says what a param's value must be.
@@ -128,6 +131,9 @@ const (
 	// whenDropout: when the inject config asks for dropout; a match takes
 	// the branch with or without it.
 	whenDropout
+	// whenTransB: exactly when the layer is a Gemm with transB=1, so the
+	// branch reads the weight as [in, out] (DoRA's norm).
+	whenTransB
 )
 
 // shapeRule derives a node output's declared type.

@@ -53,6 +53,8 @@ func (p presence) decided(base *onnxpb.NodeProto) (present, decided bool) {
 		return true, true
 	case whenTransA:
 		return base.GetOpType() == "Gemm" && graph.AttrInt(base, "transA", 0) != 0, true
+	case whenTransB:
+		return base.GetOpType() == "Gemm" && graph.AttrInt(base, "transB", 0) != 0, true
 	}
 	return false, false
 }
@@ -61,6 +63,8 @@ func (p presence) String() string {
 	switch p {
 	case whenTransA:
 		return "the Gemm's transA"
+	case whenTransB:
+		return "the Gemm's transB"
 	case whenDropout:
 		return "the dropout setting"
 	}

@@ -315,7 +315,7 @@ func (m *matcher) final() bool {
 		if t := paramTensor(g, m.k.param(b.name), b.value); t != nil {
 			bm.Tensors[b.name] = t
 		}
-		if b.value == l.Weight.Name {
+		if b.value == l.Weight.Name && !m.k.param(b.name).LayerValue {
 			return m.fail("the base weight is one of the adapter's factors")
 		}
 	}

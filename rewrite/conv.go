@@ -233,7 +233,11 @@ func adapterParams(a *Adapter) int64 {
 	for _, d := range a.Kernel {
 		k *= d
 	}
-	return int64(a.Rank) * (a.InFeatures*k + a.OutFeatures)
+	n := int64(a.Rank) * (a.InFeatures*k + a.OutFeatures)
+	if a.Magnitude != "" {
+		n += a.OutFeatures
+	}
+	return n
 }
 
 // checkLayerKinds refuses, naming the layer, the selected layers the
@@ -241,6 +245,11 @@ func adapterParams(a *Adapter) int64 {
 func checkLayerKinds(layers []*Layer, sel []Selection, cfg InjectConfig) error {
 	for _, s := range sel {
 		l := layers[s.Index]
+		if cfg.DoRA {
+			if why := doraProblem(l, cfg); why != "" {
+				return fmt.Errorf("module %s: %s", l.Module, why)
+			}
+		}
 		if l.Op != opConv {
 			continue
 		}
@@ -258,6 +267,10 @@ func checkLayerKinds(layers []*Layer, sel []Selection, cfg InjectConfig) error {
 // about being a convolution, or "".
 func convAssignmentProblem(mod *export.PEFTModule, l *Layer) string {
 	switch {
+	case mod.Magnitude != nil && (l.Op == opConv || mod.Kernel != nil):
+		return fmt.Sprintf("%s: DoRA on Conv layers is not supported here (Linear only)", suffixOf(mod.KeyA))
+	case mod.Magnitude != nil && mod.Embedding:
+		return "DoRA on an Embedding layer is not supported"
 	case l.Op == opConv && mod.Kernel == nil:
 		return fmt.Sprintf("%s %v is a Linear LoRA factor, but layer %s is a Conv with kernel %v", suffixOf(mod.KeyA), mod.ShapeA(), l.Module, l.Kernel)
 	case l.Op != opConv && mod.Kernel != nil:

@@ -92,6 +92,9 @@ func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, 
 	if err != nil {
 		return nil, err
 	}
+	if cfg.UseDoRA, err = allDoRA(chosen); err != nil {
+		return nil, err
+	}
 	conv := true
 	for _, f := range chosen {
 		conv = conv && isConv1D(f.Layer)
@@ -179,7 +182,7 @@ func peftModule(m *graph.Model, f *foundAdapter) (export.PEFTModule, error) {
 			mod.B[j*r+k] = float32(b[k*out+j])
 		}
 	}
-	return mod, nil
+	return mod, attachMagnitude(m, f, &mod)
 }
 
 // peftConfig builds the adapter_config.json describing the adapters.

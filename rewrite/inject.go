@@ -49,6 +49,9 @@ type InjectConfig struct {
 	// IR version 4 is raised to 4 (initializers become overridable inputs
 	// only from IR 4).
 	AdapterInputs bool
+	// DoRA adds PEFT's weight-decomposed branch (use_dora): a trainable
+	// magnitude per output feature, initialised to the weight's norm.
+	DoRA bool
 	// AdapterDType is the type of A, B and the scaling beside float16 and
 	// bfloat16 layers: graph.Float puts float32 factors in a branch with a
 	// Cast on each side (PEFT keeps adapters in float32, so training
@@ -182,6 +185,9 @@ func CountParams(m *graph.Model, man *Manifest) (trainable, all int64) {
 	}
 	for _, a := range man.Adapters {
 		trainable += adapterParams(&a)
+		for _, c := range a.Constants {
+			constants[c] = true
+		}
 		constants[a.ScalingTensor] = true
 		constants[a.DropoutRatio] = true
 	}
@@ -215,6 +221,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	if l.Op == opConv {
 		kind, a.Kernel = convBranch, l.Kernel
 	}
+	if cfg.DoRA {
+		kind = doraKind(l)
+	}
 	if cfg.AdapterInputs {
 		kind = adapterInputBranch
 		a.Mode, a.Rank, a.Alpha, a.Scaling, a.RSLoRA = ModeAdapterInputs, 0, 0, 1, false
@@ -247,6 +256,12 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_"+p.Name+".weight"), pdt, dims, vals)
 		case "S":
 			t, err = graph.NewFloatTensor(g.UniqueName(l.Module+".lora_scaling"), pdt, nil, []float64{scaling})
+		case "W", "C", "M", "ones", "two":
+			var name string
+			name, t, err = doraParam(m, l, p.Name)
+			if t == nil {
+				return name, nil, err
+			}
 		case "ratio":
 			if m.Opset() < 12 {
 				return "", &onnxpb.AttributeProto{
@@ -271,6 +286,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 		return nil, err
 	}
 	a.LoraA, a.LoraB, a.ScalingTensor, a.DropoutRatio = built.Params["A"], built.Params["B"], built.Params["S"], built.Params["ratio"]
+	if cfg.DoRA {
+		a.Magnitude, a.Constants = built.Params["M"], []string{built.Params["ones"], built.Params["two"]}
+	}
 	// The base node's output moves to a new name; the Add takes the old one.
 	a.Output, a.BaseOutput = built.Output, built.BaseOutput
 	g.SetOutput(n, 0, a.BaseOutput)

@@ -66,6 +66,11 @@ type Adapter struct {
 	ScalingTensor string `json:"scaling_tensor"`
 	// Nodes are the names of the branch's nodes.
 	Nodes []string `json:"nodes"`
+	// Magnitude is DoRA's magnitude vector (PEFT use_dora), [1, out], one
+	// value per output feature; trainable like A and B. Constants are the
+	// DoRA branch's fixed helpers (a row of ones, the exponent 2).
+	Magnitude string   `json:"lora_magnitude_vector,omitempty"`
+	Constants []string `json:"constants,omitempty"`
 	// Kernel is a Conv layer's spatial kernel shape: lora_A is then
 	// [r, in, kernel…] and lora_B [out, r, 1…] (PEFT's Conv LoRA layout).
 	Kernel []int64 `json:"kernel,omitempty"`
@@ -107,6 +112,9 @@ func WriteManifest(m *graph.Model, man *Manifest) error {
 	man.Trainable = man.Trainable[:0]
 	for _, a := range man.Adapters {
 		man.Trainable = append(man.Trainable, a.LoraA, a.LoraB)
+		if a.Magnitude != "" {
+			man.Trainable = append(man.Trainable, a.Magnitude)
+		}
 	}
 	data, err := json.Marshal(man)
 	if err != nil {

@@ -148,6 +148,11 @@ type update struct {
 	coef       float64
 	out        []byte // the merged bytes, in memory mode
 	stats      mergeStats
+	// scale, when set, multiplies the result per output feature (DoRA's
+	// m/‖W+ΔW‖): per row when scaleRows (a weight stored [out, in]), else
+	// per column.
+	scale     []float64
+	scaleRows bool
 }
 
 // mergeStats accumulates what the report says about one weight.
@@ -292,6 +297,9 @@ func selectModules(found []*foundAdapter, only []string) (map[string]bool, error
 func (p *plan) addAdapter(f *foundAdapter) error {
 	if f.Kind == convBranch {
 		return p.addConvAdapter(f)
+	}
+	if isDoRAKind(f.Kind) {
+		return p.addDoRAAdapter(f)
 	}
 	if f.isInputs() && f.Rank == 0 {
 		// Rank-0 defaults add nothing: the branch just goes, W untouched.

@@ -38,6 +38,10 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 			}
 			srow := src[(i*cols+c0)*sw : (i*cols+c1)*sw]
 			drow := dst[(i*cols+c0)*dw : (i*cols+c1)*dw]
+			if u.scale != nil {
+				scaledRow(drow, srow, acc, w, u, p, c0, &st)
+				continue
+			}
 			if sdt == ddt && useSIMD && fusedRowSIMD(sdt, drow, srow, acc, u.coef, &st) {
 				continue
 			}

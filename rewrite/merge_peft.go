@@ -328,6 +328,9 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 		}
 	}
 	rep := &MergedLayer{Module: l.Module, PEFTModule: mod.Name, Rank: r, Alpha: mod.Alpha, Scaling: mod.Scaling}
+	if mod.Magnitude != nil {
+		return p.addPEFTDoRA(l, mod, a, b, rep)
+	}
 	return p.addUpdate(l, a, b, r, mod.Scaling, rep)
 }
 

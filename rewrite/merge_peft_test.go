@@ -213,9 +213,10 @@ func TestApplyPEFTErrors(t *testing.T) {
 		t.Errorf("wrong sizes: %v", err)
 	}
 
-	// Features a plain merge would get wrong are refused.
+	// Features a plain merge would get wrong are refused. (use_dora is
+	// applied, dora.go; a DoRA dir without magnitudes is malformed,
+	// dora_test.go.)
 	for _, tc := range []struct{ key, value string }{
-		{"use_dora", "true"},
 		{"lora_bias", "true"},
 		{"init_lora_weights", `"loftq"`}, // pissa and olora are rebuilt (init_peft.go)
 	} {

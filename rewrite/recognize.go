@@ -52,7 +52,21 @@ func findBranches(top *graph.Graph) []*branch {
 			}
 		}
 	})
-	return found
+	// A branch inside another (the LoRA sum inside a DoRA branch) is
+	// part of that one, not an adapter of its own.
+	inner := map[*onnxpb.NodeProto]bool{}
+	for _, b := range found {
+		for _, n := range b.Nodes[:len(b.Nodes)-1] {
+			inner[n] = true
+		}
+	}
+	outer := found[:0]
+	for _, b := range found {
+		if !inner[b.Nodes[len(b.Nodes)-1]] {
+			outer = append(outer, b)
+		}
+	}
+	return outer
 }
 
 // recognizeAt checks whether add is the Add node of a LoRA branch and
@@ -83,7 +97,7 @@ func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
 }
 
 // branchKinds are the kinds recognition knows, tried in order.
-var branchKinds = []*branchKind{loraBranch, adapterInputBranch, convBranch, castBranchF16, castBranchBF16}
+var branchKinds = []*branchKind{loraBranch, adapterInputBranch, convBranch, castBranchF16, castBranchBF16, doraBranch, doraBranchTransB, doraBiasBranch, doraBiasBranchTransB}
 
 // isInputs reports whether the branch's A and B are graph inputs
 // (adapterInputBranch): fed per run, the scaling inside B.

@@ -35,6 +35,8 @@ type InjectOptions struct {
 	AdapterInputs bool
 	// AllowLargeRank is --allow-large-rank.
 	AllowLargeRank bool
+	// DoRA is --dora.
+	DoRA bool
 	// AdapterDType is --adapter-dtype: float32 or layer.
 	AdapterDType string
 	conflicts    []string
@@ -105,6 +107,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.StringVarP(&opts.Output, "output", "o", "", "file to write the injected model to (required unless --dry-run)")
 	opts.Select.register(fl, `module names to adapt, e.g. q_proj,v_proj, or "all-linear" (PEFT target_modules)`)
 	fl.BoolVar(&opts.RSLoRA, "rslora", false, "scale by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)")
+	fl.BoolVar(&opts.DoRA, "dora", false, "DoRA (PEFT use_dora): a trainable magnitude per output feature beside A and B")
 	fl.Float64Var(&opts.Dropout, "dropout", 0, "dropout probability on the adapter input, in [0, 1) (PEFT lora_dropout)")
 	fl.StringVar(&opts.Init, "init", string(rewrite.InitKaiming), "initialization: kaiming (PEFT's default) or gaussian for A with B = 0; pissa, pissa_niter_N or olora for A and B from the weight's SVD or QR, the residual written into the base")
 	fl.Uint64Var(&opts.Seed, "seed", 0, "random seed for lora_A; the same seed gives the same weights")
@@ -153,6 +156,7 @@ func (o *InjectOptions) validate() error {
 		return usageErrorf("--adapter-inputs takes no %s: the rank and scaling come with each adapter file", strings.Join(o.conflicts, ", "))
 	}
 	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs, AllowLargeRank: o.AllowLargeRank}
+	o.config.DoRA = o.DoRA
 	switch strings.ToLower(o.AdapterDType) {
 	case "float32", "float", "fp32":
 		o.config.AdapterDType = graph.Float

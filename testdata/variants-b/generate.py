@@ -22,6 +22,21 @@ Outputs (next to this script; re-running gives identical files):
                    x, the PEFT forward (unmerged) and torch's merge: outputs and the
                    merged kernels
 
+DoRA (peft/tuners/lora/dora.py DoraLinearLayer, use_dora=true):
+             ||V|| = ||W + scaling * B @ A|| per output row (detached in training)
+             forward  y = base(x) + (m/||V|| - 1) * x W^T + (m/||V||) * scaling * B(A(x))
+             merge    W = (m/||V||)[:, None] * (W + scaling * B @ A); the bias is unchanged
+             keys     <module>.lora_magnitude_vector [out] (save_pretrained drops the
+                      DoRA layer's ".weight"); live state_dict:
+                      <module>.lora_magnitude_vector.default.weight
+
+  mlp.onnx         x [5, 12] -> fc1 (Linear 12->16, a Gemm transB=1 with bias) -> relu
+                   -> fc2 (Linear 16->8 without bias, a MatMul) -> y
+  dora/adapter/    PEFT DoRA on fc1 and fc2, r 4, alpha 8, magnitudes moved off
+                   their init; dora-named/adapter/ the same under the live keys
+  dora/expected.json
+                   x, the DoRA forward (unmerged) and the merge: outputs and weights
+
 Run:  /usr/bin/python3 -B testdata/variants-b/generate.py
 """
 
@@ -168,8 +183,83 @@ def conv_case():
     write_expected("conv", {"x": x}, {"unmerged": unmerged, "merged": merged, "base": base}, weights)
 
 
+# ---- DoRA ----
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def dora_norm(lin, a, b, scaling):
+    """DoraLinearLayer.get_weight_norm: ||W + scaling * B @ A|| over dim 1."""
+    return torch.linalg.norm(lin.weight.double() + scaling * (b @ a), dim=1)
+
+
+def dora_forward(net, x, adapters, scaling):
+    """Mlp's forward in float64 with DoraLinearLayer.forward on the adapted
+    layers: base + (m/||V|| - 1) * x W^T + (m/||V||) * scaling * lora(x)."""
+    def layer(name, h):
+        lin = getattr(net, name)
+        w = lin.weight.double()
+        bias = None if lin.bias is None else lin.bias.double()
+        y = F.linear(h, w, bias)
+        if name in adapters:
+            a, b, m = (t.double() for t in adapters[name])
+            scale = (m / dora_norm(lin, a, b, scaling)).view(1, -1)
+            y = y + (scale - 1) * F.linear(h, w) + scale * F.linear(F.linear(h, a), b) * scaling
+        return y
+    return layer("fc2", torch.relu(layer("fc1", x.double())))
+
+
+def dora_case():
+    torch.manual_seed(2)
+    net = Mlp().eval()
+    x = torch.randn(5, 12)
+    export(net, os.path.join(HERE, "mlp.onnx"), (x,), ["x"], ["y"])
+    r, alpha = 4, 8
+    scaling = alpha / r
+    g = torch.Generator().manual_seed(3)
+    adapters, saved, live = {}, {}, {}
+    for name in ["fc1", "fc2"]:
+        lin = getattr(net, name)
+        out, cin = lin.weight.shape
+        a = (torch.rand(r, cin, generator=g) * 2 - 1) / cin ** 0.5
+        b = (torch.rand(out, r, generator=g) * 2 - 1) * 0.3
+        # a trained-looking magnitude: the init ||W + s*B@A|| moved by up to 10%
+        m = (dora_norm(lin, a.double(), b.double(), scaling) * (1 + 0.1 * (torch.rand(out, generator=g).double() * 2 - 1))).float()
+        adapters[name] = (a, b, m)
+        for k, v in (("lora_A", a), ("lora_B", b)):
+            saved["base_model.model.%s.%s.weight" % (name, k)] = v
+            live["base_model.model.%s.%s.default.weight" % (name, k)] = v
+        saved["base_model.model.%s.lora_magnitude_vector" % name] = m
+        live["base_model.model.%s.lora_magnitude_vector.default.weight" % name] = m
+    cfg = lora_config(target_modules=["fc1", "fc2"], use_dora=True)
+    write_adapter("dora", cfg, saved)
+    write_adapter("dora-named", cfg, live)
+    unmerged = dora_forward(net, x, adapters, scaling)
+    merged_net = Mlp().eval()
+    merged_net.load_state_dict(net.state_dict())
+    weights = {}
+    with torch.no_grad():
+        for name, (a, b, m) in adapters.items():
+            lin = getattr(merged_net, name)
+            a, b, m = a.double(), b.double(), m.double()
+            v = lin.weight.double() + scaling * (b @ a)
+            lin.weight.copy_(((m / dora_norm(lin, a, b, scaling)).view(-1, 1) * v).float())
+            weights[name + ".weight"] = lin.weight
+    merged = dora_forward(merged_net, x, {}, scaling)
+    base = dora_forward(net, x, {}, scaling)
+    write_expected("dora", {"x": x}, {"unmerged": unmerged, "merged": merged, "base": base}, weights)
+
+
 def main():
     conv_case()
+    dora_case()
 
 
 if __name__ == "__main__":
