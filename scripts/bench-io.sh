@@ -44,7 +44,8 @@ TESTBIN="${ONNXLORA_BENCH_TEST:-$WORK/rewrite.test}"
 [ -n "${ONNXLORA_BENCH_TEST:-}" ] || go test -c -o "$TESTBIN" ./rewrite
 TARGETS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 
-# run NAME CMD...: prints "seconds maxrss_kib" of CMD followed by sync.
+# run NAME CMD...: prints "seconds maxrss_kib" of CMD followed by sync; its
+# CPU seconds (user + system) go to $d/NAME.cpu.
 run() {
 	name=$1
 	shift
@@ -53,6 +54,7 @@ run() {
 		cat "$d/$name.err" "$d/$name.time" >&2
 		exit 1
 	}
+	awk -F': ' '/User time|System time/ { c += $2 } END { print c }' "$d/$name.time" >>"$d/$name.cpu"
 	awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; t = s }
 		/Maximum resident set size/ { r = $2 } END { print t, r }' "$d/$name.time"
 }
@@ -70,7 +72,7 @@ for shape in $SHAPES; do
 	"$BIN" export-adapter "$d/injected/model.onnx" -o "$d/peft" >/dev/null
 	bytes=$(cat "$d"/injected/model.onnx* | wc -c)
 	cat "$d"/base/* "$d"/injected/* >/dev/null # warm the page cache
-	echo "== $shape: injected model $(echo "$bytes" | awk '{ printf "%.0f MB", $1 / 1e6 }'), RSS limit 0.25x + 64 MiB = $(echo "$bytes" | awk '{ printf "%.0f MiB", $1 / 4 / 1048576 + 64 }')"
+	echo "== $shape (load average $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs): injected model $(echo "$bytes" | awk '{ printf "%.0f MB", $1 / 1e6 }'), RSS limit 0.25x + 64 MiB = $(echo "$bytes" | awk '{ printf "%.0f MiB", $1 / 4 / 1048576 + 64 }')"
 	printf '%-5s %7s | %14s %14s %14s %14s %14s %14s\n' round cp_s inject merge adapter inspect python "(ratio, MiB)"
 	: >"$d/ratios"
 	i=0
@@ -105,5 +107,11 @@ for shape in $SHAPES; do
 	done
 	awk '{ for (c = 3; c <= 11; c += 2) if ($(c) != "-" && $(c) > m[c]) m[c] = $(c) } END {
 		printf "  peak RSS MiB: inject %.0f, merge %.0f, adapter %.0f, inspect %.0f, python %.0f\n", m[3] / 1024, m[5] / 1024, m[7] / 1024, m[9] / 1024, m[11] / 1024 }' "$d/ratios"
+	# CPU seconds tell CPU-bound from I/O-bound runs on a busy machine.
+	printf '  median CPU s (user+sys):'
+	for name in cp inject merge adapter inspect python; do
+		[ -f "$d/$name.cpu" ] && printf ' %s %s' "$name" "$(sort -n "$d/$name.cpu" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')"
+	done
+	echo
 	[ "${ONNXLORA_BENCH_KEEP:-}" = 1 ] || rm -rf "$d"
 done
