@@ -509,7 +509,10 @@ func (m *Model) LayoutProto(pending map[*onnxpb.TensorProto]int64) (*ProtoLayout
 		return binary.LittleEndian.AppendUint64(b, uint64(idx))
 	}
 	seen := map[*onnxpb.TensorProto]bool{}
-	m.Tensors(func(t *onnxpb.TensorProto) {
+	// Every TensorProto anywhere in the model, not only those Tensors
+	// visits (a function's default attributes hold tensors too): a lazy one
+	// missed here would lose its bytes.
+	everyTensor(m.Proto.ProtoReflect(), func(t *onnxpb.TensorProto) {
 		if seen[t] {
 			return
 		}
@@ -577,6 +580,27 @@ func (m *Model) LayoutProto(pending map[*onnxpb.TensorProto]int64) (*ProtoLayout
 		}
 	}
 	return l, nil
+}
+
+// everyTensor calls fn for every TensorProto in the message, at any depth.
+func everyTensor(m protoreflect.Message, fn func(*onnxpb.TensorProto)) {
+	if t, ok := m.Interface().(*onnxpb.TensorProto); ok {
+		fn(t)
+	}
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Message() == nil {
+			return true
+		}
+		if fd.IsList() {
+			l := v.List()
+			for i := 0; i < l.Len(); i++ {
+				everyTensor(l.Get(i).Message(), fn)
+			}
+		} else if !fd.IsMap() {
+			everyTensor(v.Message(), fn)
+		}
+		return true
+	})
 }
 
 // splicer expands the placeholder tokens of a marshaled model into pieces,

@@ -260,3 +260,40 @@ func TestLoadLazyDamagedFiles(t *testing.T) {
 		}
 	}
 }
+
+func TestLoadLazyFunctionDefaultTensor(t *testing.T) {
+	// A tensor in a function's default attribute, which Model.Tensors does
+	// not visit, keeps its bytes through a lazy load and save.
+	mp := tinyModel()
+	big := make([]byte, 8192)
+	for i := range big {
+		big[i] = byte(i * 13)
+	}
+	mp.Functions = []*onnxpb.FunctionProto{{
+		Name: proto.String("f"), Domain: proto.String("custom"),
+		AttributeProto: []*onnxpb.AttributeProto{{
+			Name: proto.String("w"), Type: onnxpb.AttributeProto_TENSOR.Enum(),
+			T: &onnxpb.TensorProto{DataType: proto.Int32(int32(Float)), Dims: []int64{2048}, RawData: big},
+		}},
+	}}
+	data := mustMarshal(t, mp)
+	path := filepath.Join(t.TempDir(), "model.onnx")
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadLazy(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if m.Proto.Functions[0].AttributeProto[0].T.RawData != nil {
+		t.Fatal("the function's tensor was read into memory")
+	}
+	out := filepath.Join(t.TempDir(), "out.onnx")
+	if err := m.Save(out, SaveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if saved, _ := os.ReadFile(out); !bytes.Equal(saved, data) {
+		t.Fatal("saved model differs from the file")
+	}
+}
