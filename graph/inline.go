@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 
 	"google.golang.org/protobuf/encoding/protowire"
@@ -94,7 +95,11 @@ func loadFile(f *os.File, st os.FileInfo, dir string, lazy bool) (*Model, error)
 		}
 		return parse(data, dir)
 	}
-	src := &inlineSource{path: f.Name(), info: st, spans: s.spans}
+	path := f.Name()
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs // still found after a change of working folder
+	}
+	src := &inlineSource{path: path, info: st, spans: s.spans}
 	inlineSources.Lock()
 	inlineSources.m[key] = src
 	inlineSources.Unlock()
