@@ -58,9 +58,10 @@ type InjectConfig struct {
 	// updates do not vanish in half precision); Undefined uses the layer's
 	// type. Other layers always use their own type.
 	AdapterDType graph.DataType
-	// AllowLargeRank lets a rank exceed min(in, out) of its layer (an
-	// update A·B of rank r > min(in, out) is no more expressive, only
-	// larger); the memory it needs is checked either way.
+	// AllowLargeRank lets the rank exceed min(in, out) of every selected
+	// layer (refused otherwise: an update of rank r > min(in, out) is no
+	// more expressive, only larger); the memory it needs is checked either
+	// way.
 	AllowLargeRank bool
 	// factors holds the PiSSA/OLoRA starting A and B per module, set by
 	// Inject for those inits.
@@ -142,10 +143,8 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 		return nil, err
 	}
 	if !cfg.AdapterInputs {
-		for _, s := range sel {
-			if err := checkRank(layers[s.Index], s.Rank, cfg.AllowLargeRank); err != nil {
-				return nil, err
-			}
+		if err := checkRanks(layers, sel, cfg.AllowLargeRank); err != nil {
+			return nil, err
 		}
 	}
 	// PiSSA/OLoRA: factors from the weights, residuals into the base.

@@ -6,22 +6,43 @@ import (
 	"github.com/onnxlora/onnxlora/graph"
 )
 
-// checkRank refuses a rank the layer cannot use or the machine cannot hold,
-// before anything is allocated: r must be at most min(in, out) unless
-// allowLarge, and A [in, r] and B [r, out] (built in float64) must fit in
-// memory.
-func checkRank(l *Layer, rank int, allowLarge bool) error {
-	in, out := l.In, l.Out
-	if rank <= 0 {
-		return fmt.Errorf("module %s: rank must be positive, got %d", l.Module, rank)
+// checkRanks refuses ranks the selected layers cannot use or the machine
+// cannot hold, before anything is allocated. A rank above min(in, out) of
+// a layer gives an update no more expressive, only larger; PEFT allows it,
+// and a broad selection (all-linear beside a 2-class head) meets it
+// naturally, so it is refused only when it holds for every selected layer
+// (a mistyped rank) unless allowLarge. The adapters A [in, r] and B [r, out]
+// (built in float64) of all layers must fit in memory either way.
+func checkRanks(layers []*Layer, sel []Selection, allowLarge bool) error {
+	above := 0
+	var widest int64
+	for _, s := range sel {
+		l := layers[s.Index]
+		if s.Rank <= 0 {
+			return fmt.Errorf("module %s: rank must be positive, got %d", l.Module, s.Rank)
+		}
+		lim := min(l.In, l.Out)
+		widest = max(widest, lim)
+		if int64(s.Rank) > lim {
+			above++
+		}
 	}
-	if lim := min(in, out); int64(rank) > lim && !allowLarge {
-		return fmt.Errorf("module %s: rank %d is more than min(in, out) = %d of its [%d,%d] weight; an update of that rank is no more expressive, only larger (--allow-large-rank to insist)", l.Module, rank, lim, in, out)
+	if len(sel) > 0 && above == len(sel) && !allowLarge {
+		l := layers[sel[0].Index]
+		return fmt.Errorf("rank %d is more than min(in, out) of every selected layer (at most %d; %s is [%d,%d]): an update of that rank is no more expressive, only larger (--allow-large-rank to insist)", sel[0].Rank, widest, l.Module, l.In, l.Out)
 	}
-	const maxElems = int64(1) << 56
-	r := int64(rank)
-	if in+out <= 0 || r > maxElems/(in+out) {
-		return fmt.Errorf("module %s: rank %d makes adapters with too many elements", l.Module, rank)
+	const maxBytes = int64(1) << 60
+	var total int64
+	for _, s := range sel {
+		l := layers[s.Index]
+		r := int64(s.Rank)
+		if l.In+l.Out <= 0 || r > maxBytes/8/(l.In+l.Out) {
+			return fmt.Errorf("module %s: rank %d makes adapters with too many elements", l.Module, s.Rank)
+		}
+		total = min(total+8*r*(l.In+l.Out), maxBytes)
+		if err := graph.CheckAlloc(total, fmt.Sprintf("module %s: rank %d adapters [%d,%d] and [%d,%d]", l.Module, s.Rank, l.In, s.Rank, s.Rank, l.Out)); err != nil {
+			return err
+		}
 	}
-	return graph.CheckAlloc(8*r*(in+out), fmt.Sprintf("module %s: rank %d adapters [%d,%d] and [%d,%d]", l.Module, rank, in, rank, rank, out))
+	return nil
 }

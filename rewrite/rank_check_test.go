@@ -7,9 +7,11 @@ import (
 	"github.com/onnxlora/onnxlora/graph"
 )
 
-// TestInjectRefusesRankAboveLayer: a rank above min(in, out) is refused
-// before anything is allocated (a rank of 2^31 used to die out of memory);
-// with AllowLargeRank it is allowed as long as the adapters fit in memory.
+// TestInjectRefusesRankAboveLayer: a rank above min(in, out) of every
+// selected layer is refused before anything is allocated (a rank of 2^31
+// used to die out of memory); with AllowLargeRank it is allowed as long as
+// the adapters fit in memory. A rank above a narrow head's min(in, out) in
+// a broad selection is PEFT's behaviour and stays allowed.
 func TestInjectRefusesRankAboveLayer(t *testing.T) {
 	load := func() *graph.Model {
 		m, err := graph.Load("../testdata/models/tiny-gpt.onnx")
@@ -31,7 +33,7 @@ func TestInjectRefusesRankAboveLayer(t *testing.T) {
 		}
 	}
 	lim := int(min(q.In, q.Out))
-	if _, err := Inject(load(), cfg(1<<31, false)); err == nil || !strings.Contains(err.Error(), "is more than min(in, out)") {
+	if _, err := Inject(load(), cfg(1<<31, false)); err == nil || !strings.Contains(err.Error(), "is more than min(in, out) of every selected layer") {
 		t.Errorf("rank 2^31: %v", err)
 	}
 	if _, err := Inject(load(), cfg(lim+1, false)); err == nil || !strings.Contains(err.Error(), "--allow-large-rank") {
@@ -42,6 +44,15 @@ func TestInjectRefusesRankAboveLayer(t *testing.T) {
 	}
 	if _, err := Inject(load(), cfg(lim, false)); err != nil {
 		t.Errorf("rank min(in,out): %v", err)
+	}
+	broad := InjectConfig{SelectOptions: SelectOptions{Targets: []string{AllLinear}, Rank: lim, Alpha: 8}}
+	layers2, _ := FindLayers(load())
+	narrow := false
+	for _, l := range layers2 {
+		narrow = narrow || min(l.In, l.Out) < int64(lim)
+	}
+	if _, err := Inject(load(), broad); err != nil {
+		t.Errorf("all-linear at rank %d (some layers narrower: %v): %v", lim, narrow, err)
 	}
 	inj, err := Inject(load(), cfg(lim+1, true))
 	if err != nil {

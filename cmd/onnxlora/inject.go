@@ -220,6 +220,7 @@ func runInject(opts *InjectOptions) error {
 	for _, t := range unmatched {
 		ios.Warnf("target %q matches no module of %s", t, opts.Model)
 	}
+	warnLargeRanks(ios, added)
 
 	if opts.DryRun {
 		if opts.JSON {

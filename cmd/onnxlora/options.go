@@ -308,3 +308,13 @@ func warnNonFinite(ios *IOStreams, rep *rewrite.MergeReport) {
 		}
 	}
 }
+
+// warnLargeRanks names the adapters whose rank is above min(in, out) of
+// their layer (allowed, as in PEFT, but only larger, not more expressive).
+func warnLargeRanks(ios *IOStreams, adapters []rewrite.Adapter) {
+	for _, a := range adapters {
+		if lim := min(a.InFeatures, a.OutFeatures); a.Rank > 0 && int64(a.Rank) > lim {
+			ios.Warnf("module %s: rank %d is more than min(in, out) = %d of its [%d,%d] weight; the update is no more expressive, only larger", a.Module, a.Rank, lim, a.InFeatures, a.OutFeatures)
+		}
+	}
+}
