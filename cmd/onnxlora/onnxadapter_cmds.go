@@ -60,6 +60,9 @@ func runExportOnnxAdapter(opts *ExportAdapterOptions) error {
 		return err
 	}
 	defer m.Close()
+	if err := checkPaths(m, nil, []string{"-o", opts.Output}); err != nil {
+		return err
+	}
 	// PiSSA/OLoRA factors are a delta on residual weights, not on the base
 	// an adapter-input model is made from.
 	if err := rewrite.CheckPlainExport(m, opts.Only); err != nil {
