@@ -251,3 +251,39 @@ func TestConcurrentSavesOneConsistentPair(t *testing.T) {
 		}
 	}
 }
+
+// TestStageFile: a staged file changes nothing until Commit; Abort leaves
+// nothing; errors name the folder that is missing, not a temporary.
+func TestStageFile(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "man.json")
+	os.WriteFile(p, []byte("old"), 0o644)
+	s, err := StageFile(p, writeString("new"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != "old" {
+		t.Errorf("staging changed the file: %q", b)
+	}
+	if err := s.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != "new" {
+		t.Errorf("after commit: %q", b)
+	}
+	s, _ = StageFile(p, writeString("newer"))
+	s.Abort()
+	if b, _ := os.ReadFile(p); string(b) != "new" {
+		t.Errorf("after abort: %q", b)
+	}
+	if names := listDir(t, dir); !slices.Equal(names, []string{"man.json"}) {
+		t.Errorf("left %v", names)
+	}
+	_, err = StageFile(filepath.Join(dir, "no", "x.json"), writeString(""))
+	if err == nil || !strings.Contains(err.Error(), "folder "+filepath.Join(dir, "no")+" does not exist") || strings.Contains(err.Error(), tmpMarker) {
+		t.Errorf("missing folder: %v", err)
+	}
+	if err := WriteFileAtomic(dir, writeString("")); err == nil || !strings.Contains(err.Error(), "is a folder") {
+		t.Errorf("a folder as the destination: %v", err)
+	}
+}
