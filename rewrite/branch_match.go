@@ -223,7 +223,7 @@ func (m *matcher) operand(op operand, v, r string, next func() bool) bool {
 		return next()
 	case layerOutput:
 		p := m.g.Producer(v)
-		if p == nil || !slices.Contains(m.k.BaseOps, p.GetOpType()) || !graph.IsStandardOp(p) || len(p.Output) == 0 || p.Output[0] != v {
+		if p == nil || !slices.Contains(m.k.BaseOps, p.GetOpType()) || !isBaseNode(p) || len(p.Output) == 0 || p.Output[0] != v {
 			return m.fail("%s reads %q, which is not the output of a %s", m.label(r), v, strings.Join(m.k.BaseOps, " or "))
 		}
 		if m.base != nil && m.base != p {

@@ -245,6 +245,11 @@ func adapterParams(a *Adapter) int64 {
 func checkLayerKinds(layers []*Layer, sel []Selection, cfg InjectConfig) error {
 	for _, s := range sel {
 		l := layers[s.Index]
+		if l.Quant != nil {
+			if why := quantProblem(l, cfg); why != "" {
+				return fmt.Errorf("module %s: %s", l.Module, why)
+			}
+		}
 		if cfg.DoRA {
 			if why := doraProblem(l, cfg); why != "" {
 				return fmt.Errorf("module %s: %s", l.Module, why)

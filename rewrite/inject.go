@@ -223,6 +223,9 @@ func injectOne(m *graph.Model, l *Layer, rank int, alpha float64, cfg InjectConf
 	if cfg.DoRA {
 		kind = doraKind(l)
 	}
+	if l.Op == QuantNBits {
+		kind = nbitsBranch
+	}
 	if cfg.AdapterInputs {
 		kind = adapterInputBranch
 		a.Mode, a.Rank, a.Alpha, a.Scaling, a.RSLoRA = ModeAdapterInputs, 0, 0, 1, false

@@ -39,6 +39,9 @@ type Layer struct {
 	// after [out, in]); nil for MatMul and Gemm. A Conv layer's In and Out
 	// are its input and output channels.
 	Kernel []int64
+	// Quant describes a quantized weight (MatMulNBits, DequantizeLinear),
+	// nil for a float one; Weight is then the quantized data.
+	Quant *Quant
 }
 
 // KernelSize is the number of kernel positions of a Conv layer (the
@@ -111,6 +114,9 @@ var matmulLike = map[string]string{
 // are not matrix products at all).
 func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 	op := n.GetOpType()
+	if op == QuantNBits && n.GetDomain() == "com.microsoft" {
+		return nbitsLayerOf(g, n)
+	}
 	if reason, ok := matmulLike[op]; ok && (n.GetDomain() == "com.microsoft" || op == "MatMulInteger" || op == "QLinearMatMul") {
 		return nil, reason
 	}
@@ -129,7 +135,7 @@ func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 	w := g.ResolveWeight(n.Input[1])
 	if w == nil {
 		if p := g.Producer(n.Input[1]); p != nil && p.GetOpType() == "DequantizeLinear" {
-			return nil, "quantized weight (DequantizeLinear)"
+			return qdqLayer(g, l, p)
 		}
 		if g.IsOverridableInitializer(n.Input[1]) || g.IsGraphInput(n.Input[1]) {
 			return nil, "dynamic weight: " + strconv.Quote(n.Input[1]) + " is a graph input"

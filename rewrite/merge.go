@@ -38,6 +38,11 @@ type MergeOptions struct {
 	// after Map. Merge ignores both.
 	Map    []MapRule
 	Preset string
+	// Quantized says how adapters beside quantized weights (MatMulNBits,
+	// DequantizeLinear) merge: QuantRefuse (the default) refuses,
+	// QuantDequantize writes float weights, QuantRequantize quantizes
+	// W + ΔW with the layer's own scheme and reports the added error.
+	Quantized string
 }
 
 // MergeReport describes what a merge did.
@@ -87,6 +92,12 @@ type MergedLayer struct {
 	// NonFinite counts merged values that are NaN or infinite (Safe
 	// refuses them; otherwise they are written and counted here).
 	NonFinite int64 `json:"non_finite,omitempty"`
+	// Quantized is QuantDequantize or QuantRequantize for a quantized
+	// layer; a requantized one reports the largest error quantizing
+	// W + ΔW again added, and its Frobenius norm relative to W + ΔW.
+	Quantized       string  `json:"quantized,omitempty"`
+	RequantMaxError float64 `json:"requant_max_error,omitempty"`
+	RequantRelError float64 `json:"requant_rel_error,omitempty"`
 }
 
 // Merge folds the model's LoRA adapters into their base weights:
@@ -198,6 +209,8 @@ type plan struct {
 	// detached are nodes that will stop reading the value they read now
 	// (they get their own copy), so they no longer count as sharing it.
 	detached map[*onnxpb.NodeProto]bool
+	// quant are the merges into quantized layers (quant.go).
+	quant []*quantEdit
 }
 
 func newPlan(m *graph.Model, top *graph.Graph, opts MergeOptions, source string) (*plan, error) {
@@ -301,6 +314,9 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 	if isDoRAKind(f.Kind) {
 		return p.addDoRAAdapter(f)
 	}
+	if f.Layer.Quant != nil {
+		return p.addQuantAdapter(f)
+	}
 	if f.isInputs() && f.Rank == 0 {
 		// Rank-0 defaults add nothing: the branch just goes, W untouched.
 		p.branches = append(p.branches, f.branch)
@@ -329,6 +345,9 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 // [In, r] and B [r, Out] in the layer's orientation (x·W). It decides where
 // the result goes: in place, or in a private copy when the weight is shared.
 func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *MergedLayer) error {
+	if l.Quant != nil {
+		return p.addQuantUpdate(l, a, b, r, scaling, rep)
+	}
 	w := l.Weight
 	if l.Alpha == 0 || math.IsNaN(l.Alpha) || math.IsInf(l.Alpha, 0) {
 		return fmt.Errorf("the Gemm's alpha is %v: no weight change can reproduce the adapter", l.Alpha)
@@ -568,6 +587,9 @@ func (p *plan) commitGraph() error {
 			}
 		}
 		b.Graph.Proto.ValueInfo = vis
+	}
+	if err := p.commitQuant(); err != nil {
+		return err
 	}
 	for _, ni := range p.inits {
 		ni.g.AddInitializer(ni.t)

@@ -328,6 +328,9 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 		}
 	}
 	rep := &MergedLayer{Module: l.Module, PEFTModule: mod.Name, Rank: r, Alpha: mod.Alpha, Scaling: mod.Scaling}
+	if l.Quant != nil {
+		return p.addQuantUpdate(l, a, b, r, mod.Scaling, rep)
+	}
 	if mod.Magnitude != nil {
 		return p.addPEFTDoRA(l, mod, a, b, rep)
 	}

@@ -97,7 +97,7 @@ func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
 }
 
 // branchKinds are the kinds recognition knows, tried in order.
-var branchKinds = []*branchKind{loraBranch, adapterInputBranch, convBranch, castBranchF16, castBranchBF16, doraBranch, doraBranchTransB, doraBiasBranch, doraBiasBranchTransB}
+var branchKinds = []*branchKind{loraBranch, adapterInputBranch, convBranch, castBranchF16, castBranchBF16, doraBranch, doraBranchTransB, doraBiasBranch, doraBiasBranchTransB, nbitsBranch}
 
 // isInputs reports whether the branch's A and B are graph inputs
 // (adapterInputBranch): fed per run, the scaling inside B.

@@ -33,6 +33,8 @@ type MergeOptions struct {
 	AllowPartial bool
 	JSON         bool
 	External     externalFlag
+	// Dequantize and Requantize are --dequantize and --requantize.
+	Dequantize, Requantize bool
 }
 
 // NewCmdMerge builds `onnxlora merge`.
@@ -105,6 +107,8 @@ fraction of the model's size.`,
 	fl.BoolVar(&opts.Verbose, "verbose", false, "with --adapter: list every PEFT module that matches no layer")
 	fl.Float64Var(&opts.Scale, "scale", 1, "merge at this strength: W += scale * scaling * A·B")
 	fl.BoolVar(&opts.Safe, "safe", false, "refuse to write NaN or Inf weights (PEFT's safe_merge)")
+	fl.BoolVar(&opts.Dequantize, "dequantize", false, "merge adapters beside quantized weights (MatMulNBits, DequantizeLinear) into float weights")
+	fl.BoolVar(&opts.Requantize, "requantize", false, "merge adapters beside quantized weights and quantize W + dW again with the layer's bits and block size; reports the added error")
 	fl.BoolVar(&opts.AllowPartial, "allow-partial", false, "with --adapter: apply what matches and list the PEFT modules that match no layer")
 	fl.BoolVar(&opts.JSON, "json", false, "print the merge report as JSON on stdout")
 	registerExternalFlag(cmd, &opts.External)
@@ -121,6 +125,9 @@ func (o *MergeOptions) validate(cmd *cobra.Command) error {
 	}
 	if o.Scale == 0 || math.IsNaN(o.Scale) || math.IsInf(o.Scale, 0) {
 		return usageErrorf("invalid argument %v for --scale: want a finite, non-zero number", o.Scale)
+	}
+	if o.Dequantize && o.Requantize {
+		return usageErrorf("--dequantize and --requantize exclude each other")
 	}
 	if o.AllowPartial && o.Adapter == "" {
 		return usageErrorf("--allow-partial goes with --adapter")
@@ -184,6 +191,12 @@ func runMerge(opts *MergeOptions) error {
 	ios := opts.IO
 	only := append(append([]string(nil), opts.Only...), opts.AdapterNames...)
 	mo := rewrite.MergeOptions{Only: only, Scale: opts.Scale, Safe: opts.Safe, AllowPartial: opts.AllowPartial, Preset: opts.Preset}
+	switch {
+	case opts.Dequantize:
+		mo.Quantized = rewrite.QuantDequantize
+	case opts.Requantize:
+		mo.Quantized = rewrite.QuantRequantize
+	}
 	if opts.Adapter != "" {
 		rules, err := opts.mapRules()
 		if err != nil {

@@ -37,6 +37,20 @@ DoRA (peft/tuners/lora/dora.py DoraLinearLayer, use_dora=true):
   dora/expected.json
                    x, the DoRA forward (unmerged) and the merge: outputs and weights
 
+Quantized bases (QLoRA: a float adapter beside the quantized product):
+
+  nbits.onnx       x [3, 32] -> fc1 (com.microsoft MatMulNBits K 32 N 16, 4-bit, block 16,
+                   packed zero points, bias) -> relu -> fc2 (MatMulNBits K 16 N 8, 8-bit,
+                   block 16, no zero points: the implicit 128) -> y; the float weights
+                   are quantized here blockwise (min/max with zero points, else absmax)
+  qdq.onnx         the same shape with DequantizeLinear weights: fc1 int8 per column
+                   (axis 1) into a MatMul, fc2 uint8 per tensor into a Gemm transB=1
+                   with bias
+  nbits/, qdq/expected.json
+                   x; outputs of the dequantized float model (base) and with each
+                   layer's A [in, r], B [r, out] added at scaling 2 (adapted); the
+                   dequantized and merged weights [in, out] and the factors
+
 Run:  /usr/bin/python3 -B testdata/variants-b/generate.py
 """
 
@@ -46,6 +60,7 @@ import struct
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -257,9 +272,152 @@ def dora_case():
     write_expected("dora", {"x": x}, {"unmerged": unmerged, "merged": merged, "base": base}, weights)
 
 
+# ---- quantized bases ----
+
+def pack_codes(codes, bits):
+    """Codes (ints per row) packed low-first into bytes, as MatMulNBits reads them."""
+    per = 8 // bits
+    out = np.zeros((codes.shape[0], (codes.shape[1] + per - 1) // per), dtype=np.uint8)
+    for j in range(codes.shape[1]):
+        out[:, j // per] |= (codes[:, j].astype(np.uint8) << ((j % per) * bits)).astype(np.uint8)
+    return out
+
+
+def nbits_quantize(w, bits, block, zero_points):
+    """Blockwise along K of w [N, K]: with zero points min/max per block, else
+    symmetric around the implicit zero point 2^(bits-1). Returns codes [N, K],
+    scales [N, k_blocks], zero points [N, k_blocks] and the dequantized w."""
+    n, k = w.shape
+    kb = (k + block - 1) // block
+    qmax = 2 ** bits - 1
+    codes = np.zeros((n, kb * block), dtype=np.int64)
+    scales = np.zeros((n, kb), dtype=np.float32)
+    zps = np.full((n, kb), 2 ** (bits - 1), dtype=np.int64)
+    wp = np.zeros((n, kb * block), dtype=np.float64)
+    wp[:, :k] = w
+    for b in range(kb):
+        blk = wp[:, b * block:(b + 1) * block]
+        if zero_points:
+            lo, hi = np.minimum(blk.min(1), 0), np.maximum(blk.max(1), 0)
+            sc = ((hi - lo) / qmax).astype(np.float32)
+            zp = np.clip(np.round(-lo / sc), 0, qmax).astype(np.int64)
+        else:
+            sc = (np.abs(blk).max(1) / (2 ** (bits - 1) - 1)).astype(np.float32)
+            zp = np.full(n, 2 ** (bits - 1), dtype=np.int64)
+        q = np.clip(np.round(blk / sc[:, None].astype(np.float64)) + zp[:, None], 0, qmax)
+        codes[:, b * block:(b + 1) * block] = q
+        scales[:, b], zps[:, b] = sc, zp
+    deq = (codes - np.repeat(zps, block, axis=1)) * np.repeat(scales.astype(np.float64), block, axis=1)
+    return codes, scales, zps, deq[:, :k]
+
+
+def nbits_node(name, x, out, w, bias, bits, block, zero_points, inits):
+    n, k = w.shape
+    codes, scales, zps, deq = nbits_quantize(w, bits, block, zero_points)
+    kb = scales.shape[1]
+    blob = block * bits // 8
+    packed = pack_codes(codes, bits).reshape(n, kb, blob)
+    inputs = [x, name + ".weight_Q%d" % bits, name + ".weight_scales"]
+    inits += [onnx.numpy_helper.from_array(packed, inputs[1]),
+              onnx.numpy_helper.from_array(scales.reshape(-1), inputs[2])]
+    if zero_points:
+        inputs.append(name + ".weight_zp")
+        inits.append(onnx.numpy_helper.from_array(pack_codes(zps, bits).reshape(-1), inputs[3]))
+    if bias is not None:
+        while len(inputs) < 5:
+            inputs.append("")
+        inputs.append(name + ".bias")
+        inits.append(onnx.numpy_helper.from_array(bias.astype(np.float32), inputs[5]))
+    node = onnx.helper.make_node("MatMulNBits", inputs, [out], name="/%s/MatMul_Q%d" % (name, bits), domain="com.microsoft",
+                                 K=k, N=n, bits=bits, block_size=block)
+    return node, deq
+
+
+def quant_case():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    w1 = rng.standard_normal((16, 32)) * 0.2          # torch layout [out, in]
+    b1 = rng.standard_normal(16) * 0.1
+    w2 = rng.standard_normal((8, 16)) * 0.2
+    inits = []
+    n1, deq1 = nbits_node("fc1", "x", "h", w1, b1, 4, 16, True, inits)
+    relu = onnx.helper.make_node("Relu", ["h"], ["hr"], name="/Relu")
+    n2, deq2 = nbits_node("fc2", "hr", "y", w2, None, 8, 16, False, inits)
+    g = onnx.helper.make_graph([n1, relu, n2], "nbits",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 32])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 8])], inits)
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)],
+                               producer_name="onnxlora-variants-b")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, os.path.join(HERE, "nbits.onnx"))
+
+    # QDQ: an int8 per-column MatMul weight [in, out] and a uint8 per-tensor Gemm one.
+    w3 = rng.standard_normal((32, 16)) * 0.2           # MatMul layout [in, out]
+    s3 = (np.abs(w3).max(0) / 127).astype(np.float32)
+    q3 = np.clip(np.round(w3 / s3), -127, 127).astype(np.int8)
+    deq3 = q3.astype(np.float64) * s3
+    w4 = rng.standard_normal((8, 16)) * 0.2            # Gemm transB layout [out, in]
+    b4 = (rng.standard_normal(8) * 0.1).astype(np.float32)
+    lo, hi = min(w4.min(), 0), max(w4.max(), 0)
+    s4 = np.float32((hi - lo) / 255)
+    z4 = np.uint8(np.clip(np.round(-lo / s4), 0, 255))
+    q4 = np.clip(np.round(w4 / s4) + z4, 0, 255).astype(np.uint8)
+    deq4 = (q4.astype(np.float64) - float(z4)) * float(s4)
+    H = onnx.helper
+    qinits = [onnx.numpy_helper.from_array(q3, "fc1.weight_quantized"), onnx.numpy_helper.from_array(s3, "fc1.weight_scale"),
+              onnx.numpy_helper.from_array(np.zeros(16, np.int8), "fc1.weight_zero_point"),
+              onnx.numpy_helper.from_array(q4, "fc2.weight_quantized"), onnx.numpy_helper.from_array(np.array(s4, np.float32), "fc2.weight_scale"),
+              onnx.numpy_helper.from_array(np.array(z4, np.uint8), "fc2.weight_zero_point"),
+              onnx.numpy_helper.from_array(b4, "fc2.bias")]
+    nodes = [H.make_node("DequantizeLinear", ["fc1.weight_quantized", "fc1.weight_scale", "fc1.weight_zero_point"], ["fc1.weight"], name="/fc1/DequantizeLinear", axis=1),
+             H.make_node("MatMul", ["x", "fc1.weight"], ["h"], name="/fc1/MatMul"),
+             H.make_node("Relu", ["h"], ["hr"], name="/Relu"),
+             H.make_node("DequantizeLinear", ["fc2.weight_quantized", "fc2.weight_scale", "fc2.weight_zero_point"], ["fc2.weight"], name="/fc2/DequantizeLinear"),
+             H.make_node("Gemm", ["hr", "fc2.weight", "fc2.bias"], ["y"], name="/fc2/Gemm", transB=1)]
+    g = H.make_graph(nodes, "qdq", [H.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 32])],
+                     [H.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 8])], qinits)
+    m = H.make_model(g, opset_imports=[H.make_opsetid("", 13)], producer_name="onnxlora-variants-b")
+    m.ir_version = 7
+    onnx.checker.check_model(m)
+    onnx.save(m, os.path.join(HERE, "qdq.onnx"))
+
+    # Adapters in x·W orientation, A [in, r], B [r, out], scaling 8/4.
+    r, scaling = 4, 2.0
+    xd = x.astype(np.float64)
+    cases = {"nbits": ([deq1.T, deq2.T], [b1.astype(np.float32).astype(np.float64), None]),
+             "qdq": ([deq3, deq4.T], [None, b4.astype(np.float64)])}
+    for case, (ws, bs) in cases.items():
+        weights, adapters = {}, {}
+        def fwd(delta):
+            h = xd @ (ws[0] + delta[0])
+            if bs[0] is not None:
+                h = h + bs[0]
+            h = np.maximum(h, 0)
+            y = h @ (ws[1] + delta[1])
+            if bs[1] is not None:
+                y = y + bs[1]
+            return y
+        deltas = []
+        for i, name in enumerate(["fc1", "fc2"]):
+            fin, fout = ws[i].shape
+            a = ((rng.random((fin, r)) * 2 - 1) / np.sqrt(fin)).astype(np.float32)
+            b = ((rng.random((r, fout)) * 2 - 1) * 0.3).astype(np.float32)
+            adapters[name + ".A"], adapters[name + ".B"] = torch.from_numpy(a), torch.from_numpy(b)
+            d = scaling * (a.astype(np.float64) @ b.astype(np.float64))
+            deltas.append(d)
+            weights[name + ".dequantized"] = torch.from_numpy(ws[i])
+            weights[name + ".merged"] = torch.from_numpy(ws[i] + d)
+        os.makedirs(os.path.join(HERE, case), exist_ok=True)
+        weights.update(adapters)
+        write_expected(case, {"x": torch.from_numpy(x)},
+                       {"base": torch.from_numpy(fwd([0, 0])), "adapted": torch.from_numpy(fwd(deltas))}, weights)
+
+
 def main():
     conv_case()
     dora_case()
+    quant_case()
 
 
 if __name__ == "__main__":
