@@ -206,13 +206,15 @@ func WriteFileAtomic(path string, write func(io.Writer) error) error {
 	if err := checkWritable(path); err != nil {
 		return err
 	}
+	// Held for the whole write, so no other writer takes our temporary
+	// for a crashed one's.
+	lock := lockDest(path)
+	defer lock.unlock()
 	removeStale(path, nil)
 	tmp, err := writeTemp(path, write)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	lock := lockDest(path)
-	defer lock.unlock()
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("%s: %w", path, unwrapLinkError(err))
