@@ -36,7 +36,7 @@ func residualInitMethod(dir string) (Init, map[string]json.RawMessage, error) {
 	if st, err := os.Stat(filepath.Join(dir, export.PEFTWeightsFile)); err != nil || !st.Mode().IsRegular() {
 		return "", nil, nil
 	}
-	raw, err := os.ReadFile(path)
+	raw, err := graph.ReadFile(path, 1<<20)
 	if err != nil {
 		return "", nil, nil
 	}
@@ -165,7 +165,7 @@ func writeAdapterCopy(src, dst string, cfg map[string]json.RawMessage) error {
 	if err := os.WriteFile(filepath.Join(dst, export.PEFTConfigFile), data, 0o600); err != nil {
 		return err
 	}
-	in, err := os.Open(filepath.Join(src, export.PEFTWeightsFile))
+	in, err := graph.Open(filepath.Join(src, export.PEFTWeightsFile))
 	if err != nil {
 		return err
 	}
