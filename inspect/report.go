@@ -230,7 +230,7 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 		li := Layer{
 			Module: l.Module, Op: l.Op, Node: l.Node.GetName(), Weight: l.Weight.Name,
 			In: l.In, Out: l.Out, DType: l.DType.String(), StoredDType: l.Weight.DataType().String(),
-			Params: l.In * l.Out, Shared: l.Shared, OutputHead: l.OutputHead,
+			Params: l.In * l.Out * l.KernelSize(), Shared: l.Shared, OutputHead: l.OutputHead,
 			Input: l.Node.Input[0], Output: l.Node.Output[0],
 		}
 		if l.Graph.Parent != nil {
@@ -265,7 +265,7 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 				Module: a.Module, Node: a.Node, Op: a.Op, Rank: a.Rank, Alpha: a.Alpha,
 				Scaling: a.Scaling, RSLoRA: a.RSLoRA, In: a.InFeatures, Out: a.OutFeatures,
 				DType: a.DType, Dropout: a.Dropout, LoraA: a.LoraA, LoraB: a.LoraB,
-				Params: int64(a.Rank) * (a.InFeatures + a.OutFeatures),
+				Params: a.Params(),
 			}
 			if !opts.SkipNorms {
 				norm, err := deltaNorm(m, g, &a)

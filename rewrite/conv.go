@@ -354,3 +354,7 @@ func peftConvModule(m *graph.Model, f *foundAdapter, dt export.DType) (export.PE
 	}
 	return mod, nil
 }
+
+// Params counts the adapter's trainable elements as PEFT does: A and B
+// (whose in side spans a Conv's kernel) and a DoRA magnitude.
+func (a *Adapter) Params() int64 { return adapterParams(a) }

@@ -475,15 +475,37 @@ func (p *plan) requantize(e *quantEdit) error {
 		symmetric := signed && (tz == nil || allZero(p.m, tz))
 		codes, scales, zps = quantizeQDQ(e.w, in, out, l.TransB, int(q.Axis), signed, symmetric, tz == nil, deq)
 	}
-	if err := graph.SetRawData(td, codes); err != nil {
-		return err
+	// New constants under fresh names, read where the old ones were: the
+	// old ones may live in an external data file a streaming save copies.
+	reader, first := l.Node, 1
+	if q.Kind == QuantQDQ {
+		reader, first = q.Dequant, 0
 	}
-	if err := graph.SetFloat64s(ts, scales); err != nil {
-		return err
-	}
-	if tz != nil {
-		if err := graph.SetRawData(tz, zps); err != nil {
+	for i, rt := range []struct {
+		old  *onnxpb.TensorProto
+		data []byte
+		f    []float64
+	}{{td, codes, nil}, {ts, nil, scales}, {tz, zps, nil}} {
+		if rt.old == nil {
+			continue
+		}
+		t := &onnxpb.TensorProto{Name: proto.String(g.UniqueName(rt.old.GetName())), DataType: rt.old.DataType, Dims: slices.Clone(rt.old.Dims)}
+		var err error
+		if rt.f != nil {
+			err = graph.SetFloat64s(t, rt.f)
+		} else {
+			err = graph.SetRawData(t, rt.data)
+		}
+		if err != nil {
 			return err
+		}
+		g.AddInitializer(t)
+		g.SetInput(reader, first+i, t.GetName())
+	}
+	g.Reindex()
+	for _, c := range []string{q.Data, q.Scales, q.ZeroPoints} {
+		if c != "" {
+			dropConstant(g, c)
 		}
 	}
 	var maxErr, num, den float64

@@ -2,6 +2,7 @@ package rewrite
 
 import (
 	"math"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -166,4 +167,52 @@ func TestQuantizedInORT(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestVariantsMergeFile: MergeFile (the streaming save the CLI uses, here
+// with every tensor in an external data file) merges Conv, DoRA and
+// quantized adapters to the same outputs as the live branches.
+func TestVariantsMergeFile(t *testing.T) {
+	orttest.Require(t)
+	dir := t.TempDir()
+	ext := graph.SaveOptions{External: graph.ExternalAlways, Threshold: 1}
+	for _, c := range []struct {
+		name  string
+		model *graph.Model
+		e     vbExpected
+		opts  MergeOptions
+	}{
+		{"conv", func() *graph.Model { m, _ := convInjected(t); return m }(), readVB(t, "conv"), MergeOptions{}},
+		{"dora", doraInjected(t), readVB(t, "dora"), MergeOptions{}},
+		{"nbits", quantInjected(t, "nbits.onnx", readVB(t, "nbits")), readVB(t, "nbits"), MergeOptions{Quantized: QuantDequantize}},
+		{"qdq-requantize", quantInjected(t, "qdq.onnx", readVB(t, "qdq")), readVB(t, "qdq"), MergeOptions{Quantized: QuantRequantize}},
+	} {
+		src := filepath.Join(dir, c.name, "injected.onnx")
+		if err := c.model.Save(mustMkdir(t, src), ext); err != nil {
+			t.Fatal(err)
+		}
+		ins := c.e.inputs(t)
+		live := runModel(t, src, ins)
+		dst := filepath.Join(dir, c.name, "merged.onnx")
+		if _, err := MergeFile(src, dst, c.opts, ext); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		tol := 1e-6
+		if c.opts.Quantized == QuantRequantize {
+			tol = 0.05 // the requantization error, measured in TestQuantizedInORT
+		}
+		if rel := vtRel(t, runModel(t, dst, ins), live); rel > tol {
+			t.Errorf("%s: MergeFile vs live branches: rel %g", c.name, rel)
+		} else {
+			t.Logf("%s: MergeFile vs live branches: rel %.2g", c.name, rel)
+		}
+	}
+}
+
+func mustMkdir(t *testing.T, path string) string {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
