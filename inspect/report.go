@@ -409,10 +409,12 @@ func deltaNorm(m *graph.Model, g *graph.Graph, a *rewrite.Adapter) (float64, err
 		}
 		return 0, fmt.Errorf("initializer %q not found", missing)
 	}
-	if len(tA.Dims) != 2 || len(tB.Dims) != 2 || tA.Dims[1] != tB.Dims[0] {
+	// A Conv adapter (a.Kernel) holds A [r, in, k…] and B [out, r, 1…]:
+	// ΔW is B·A on the kernel flattened to [out, in·K].
+	conv := len(a.Kernel) > 0 && len(tA.Dims) > 2 && len(tB.Dims) == len(tA.Dims) && tA.Dims[0] == tB.Dims[1]
+	if !conv && (len(tA.Dims) != 2 || len(tB.Dims) != 2 || tA.Dims[1] != tB.Dims[0]) {
 		return 0, fmt.Errorf("lora_A %v and lora_B %v do not chain", tA.Dims, tB.Dims)
 	}
-	in, r, out := int(tA.Dims[0]), int(tA.Dims[1]), int(tB.Dims[1])
 	av, err := m.Float64s(tA)
 	if err != nil {
 		return 0, err
@@ -420,6 +422,14 @@ func deltaNorm(m *graph.Model, g *graph.Graph, a *rewrite.Adapter) (float64, err
 	bv, err := m.Float64s(tB)
 	if err != nil {
 		return 0, err
+	}
+	var in, r, out int
+	if conv {
+		r, out = int(tA.Dims[0]), int(tB.Dims[0])
+		in = len(av) / r
+		av, bv = transposed(av, r, in), transposed(bv, out, r)
+	} else {
+		in, r, out = int(tA.Dims[0]), int(tA.Dims[1]), int(tB.Dims[1])
 	}
 	scaling := a.Scaling
 	if ts := findInitializer(g, a.Graph, a.ScalingTensor); ts != nil && a.ScalingTensor != "" {
@@ -490,4 +500,15 @@ func round6(v float64) float64 {
 	}
 	f, _ := strconv.ParseFloat(strconv.FormatFloat(v, 'g', 6, 64), 64)
 	return f
+}
+
+// transposed returns the [cols, rows] transpose of x [rows, cols].
+func transposed(x []float64, rows, cols int) []float64 {
+	t := make([]float64, len(x))
+	for i := 0; i < rows; i++ {
+		for j := 0; j < cols; j++ {
+			t[j*rows+i] = x[i*cols+j]
+		}
+	}
+	return t
 }
