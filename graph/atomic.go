@@ -26,8 +26,8 @@ import (
 //
 // Temporaries are named ".<destination name>.onnxlora-tmp-<pid>-<random>",
 // so a later write to the same destination recognises the ones a crashed run
-// left and removes them: those of a process that no longer runs, and any
-// older than staleAfter (a write in progress is left alone). Nothing else is
+// left and removes them (see removeStale; a write in progress is left
+// alone). Nothing else is
 // ever deleted, except the data file an earlier model output at the same
 // path used (see PairWriter) and the data file a killed PairWriter renamed
 // into place without its model (recorded in the destination's lock file).
@@ -92,20 +92,26 @@ func createTemp(dest string) (*os.File, error) {
 // removeStale removes the temporaries a crashed write to dest left behind.
 // Files are removed; a folder (WriteDirAtomic) is emptied of what only it
 // holds a link to when the write's own files are named in ours, and removed
-// if that empties it.
-func removeStale(dest string, ours map[string]bool) {
-	dir, prefix := filepath.Dir(dest), tmpPrefix(dest)
+// if that empties it. Holding dest's lock, every temporary of dest is a
+// crashed writer's (a live one would hold the lock); staged files, which
+// wait without it, and temporaries found without the lock go by isStale.
+func removeStale(dest string, ours map[string]bool, lock *destLock) {
+	dir, prefix, stage := filepath.Dir(dest), tmpPrefix(dest), stagePrefix(dest)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
 	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), prefix) {
-			continue
+		rest, isTmp := strings.CutPrefix(e.Name(), prefix)
+		if !isTmp {
+			if rest, isTmp = strings.CutPrefix(e.Name(), stage); !isTmp {
+				continue
+			}
+			isTmp = false // a staged file
 		}
 		p := filepath.Join(dir, e.Name())
 		st, err := os.Lstat(p)
-		if err != nil || !isStale(strings.TrimPrefix(e.Name(), prefix), st.ModTime()) {
+		if err != nil || !(isTmp && lock != nil) && !isStale(rest, st.ModTime()) {
 			continue
 		}
 		switch {
@@ -210,7 +216,7 @@ func WriteFileAtomic(path string, write func(io.Writer) error) error {
 	// for a crashed one's.
 	lock := lockDest(path)
 	defer lock.unlock()
-	removeStale(path, nil)
+	removeStale(path, nil, lock)
 	tmp, err := writeTemp(path, write)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
@@ -254,7 +260,7 @@ func NewPairWriter(path, dataFile string, keep ...string) (*PairWriter, error) {
 	}
 	// Held until Commit or Abort: the data file name chosen here stays free.
 	lock := lockDest(path)
-	removeStale(path, nil)
+	removeStale(path, nil, lock)
 	dataName := dataFile
 	if _, err := os.Lstat(filepath.Join(filepath.Dir(path), dataFile)); err == nil {
 		dataName = uniqueDataName(dataFile)
@@ -472,7 +478,7 @@ func WriteDirAtomic(dir string, files []DirFile) (err error) {
 	}
 	lock := lockDest(dir)
 	defer lock.unlock()
-	removeStale(dir, ours)
+	removeStale(dir, ours, lock)
 	parent := filepath.Dir(dir)
 	tmp := filepath.Join(parent, tmpPrefix(dir)+randomSuffix())
 	if err := os.Mkdir(tmp, 0o755); err != nil {

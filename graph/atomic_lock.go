@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -152,13 +153,30 @@ func StageFile(path string, write func(io.Writer) error) (*StagedFile, error) {
 	if err := checkWritable(path); err != nil {
 		return nil, err
 	}
-	removeStale(path, nil)
-	tmp, err := writeTemp(path, write)
+	removeStale(path, nil, nil)
+	var f *os.File
+	var err error
+	for range 100 {
+		name := filepath.Join(filepath.Dir(path), stagePrefix(path)+strconv.Itoa(os.Getpid())+"-"+randomSuffix())
+		f, err = os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if !errors.Is(err, fs.ErrExist) {
+			break
+		}
+	}
 	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, unwrapPathError(err))
+	}
+	if err := fill(f, write); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	return &StagedFile{path: path, tmp: tmp}, nil
+	return &StagedFile{path: path, tmp: f.Name()}, nil
 }
+
+// stageMarker names StageFile's temporaries, which wait for their Commit
+// without the destination's lock: ".<name>.onnxlora-stage-<pid>-<random>".
+const stageMarker = ".onnxlora-stage-"
+
+func stagePrefix(dest string) string { return "." + filepath.Base(dest) + stageMarker }
 
 // Commit renames the staged file over its destination. It does nothing a
 // second time.

@@ -47,7 +47,7 @@ func TestStaleTemporariesRemoved(t *testing.T) {
 		os.Chtimes(filepath.Join(dir, name), age, age)
 	}
 	mk(".out.onnx.onnxlora-tmp-0123456789ab", old)   // ours, stale: removed
-	mk(".out.onnx.onnxlora-tmp-fresh", time.Now())   // ours, maybe in progress: kept
+	mk(".out.onnx.onnxlora-tmp-fresh", time.Now())   // ours and young, but we hold the lock: no live writer has it
 	mk(".other.onnx.onnxlora-tmp-0123456789ab", old) // another destination's: kept
 	mk(".out.onnx.tmp123", old)                      // not named by us: kept
 	mk("out.onnx.onnxlora-tmp-x", old)               // not hidden: not ours
@@ -59,7 +59,7 @@ func TestStaleTemporariesRemoved(t *testing.T) {
 	if err := WriteFileAtomic(p, writeString("m")); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{".other.onnx.onnxlora-tmp-0123456789ab", ".out.onnx.onnxlora-tmp-dir000000000", ".out.onnx.onnxlora-tmp-fresh", ".out.onnx.tmp123", "out.onnx", "out.onnx.onnxlora-tmp-x"}
+	want := []string{".other.onnx.onnxlora-tmp-0123456789ab", ".out.onnx.onnxlora-tmp-dir000000000", ".out.onnx.tmp123", "out.onnx", "out.onnx.onnxlora-tmp-x"}
 	if names := listDir(t, dir); !slices.Equal(names, want) {
 		t.Errorf("after the write: %v\nwant %v", names, want)
 	}

@@ -146,23 +146,36 @@ func TestAllowSymlinksUnder(t *testing.T) {
 	}
 }
 
-// TestStaleTemporaryOfDeadProcessRemoved: a temporary left by a process
-// that no longer runs goes at the next write, however young; one of a
-// live process stays.
+// TestStaleTemporaryOfDeadProcessRemoved: holding the destination's lock,
+// a write removes every temporary of that destination (a live writer would
+// hold the lock), however young; a staged file, which waits without the
+// lock, goes only when its process no longer runs.
 func TestStaleTemporaryOfDeadProcessRemoved(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "out.onnx")
-	// A pid that is surely not running: past the kernel's limit.
-	dead := ".out.onnx.onnxlora-tmp-99999999-0123456789ab"
-	live := ".out.onnx.onnxlora-tmp-1-0123456789ab" // init always runs
-	for _, n := range []string{dead, live} {
+	// A pid that is surely not running (past the kernel's limit), and one
+	// that always is (init).
+	deadStage := ".out.onnx.onnxlora-stage-99999999-0123456789ab"
+	liveStage := ".out.onnx.onnxlora-stage-1-0123456789ab"
+	liveTmp := ".out.onnx.onnxlora-tmp-1-0123456789ab"
+	for _, n := range []string{deadStage, liveStage, liveTmp} {
 		os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o644)
 	}
 	if err := WriteFileAtomic(p, writeString("m")); err != nil {
 		t.Fatal(err)
 	}
-	if names := listDir(t, dir); !slices.Equal(names, []string{live, "out.onnx"}) {
+	if names := listDir(t, dir); !slices.Equal(names, []string{liveStage, "out.onnx"}) {
 		t.Errorf("after the write: %v", names)
+	}
+	// Without the lock (a staged write), a temporary of a live pid stays.
+	os.WriteFile(filepath.Join(dir, liveTmp), []byte("x"), 0o644)
+	s, err := StageFile(p, writeString("n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Abort()
+	if names := listDir(t, dir); !slices.Contains(names, liveTmp) || !slices.Contains(names, liveStage) {
+		t.Errorf("a staged write removed a live process's temporary: %v", names)
 	}
 }
 
