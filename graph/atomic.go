@@ -24,19 +24,19 @@ import (
 // folder synced so the rename survives a crash. Readers see the old output
 // or the complete new one, and a failed write leaves the old one as it was.
 //
+// Writers of one destination take turns: each holds an exclusive lock
+// (flock on ".<destination name>.onnxlora-lock", removed when done) for its
+// whole write, so concurrent writes end with one complete output, never a
+// mix (StageFile takes it only for its rename).
+//
 // Temporaries are named ".<destination name>.onnxlora-tmp-<pid>-<random>",
 // so a later write to the same destination recognises the ones a crashed run
 // left and removes them (see removeStale; a write in progress is left
-// alone). Nothing else is
-// ever deleted, except the data file an earlier model output at the same
-// path used (see PairWriter) and the data file a killed PairWriter renamed
-// into place without its model (recorded in the destination's lock file).
-// New files get mode 0644 less the umask, like any file a program creates.
-//
-// Writers of one destination take turns: each holds an exclusive lock
-// (flock on ".<destination name>.onnxlora-lock", removed when done) while it
-// switches files into place, and a PairWriter from start to finish, so
-// concurrent writes end with one complete output, never a mix.
+// alone). Nothing else is ever deleted, except the data file an earlier
+// model output at the same path used (see PairWriter) and the data file a
+// killed PairWriter renamed into place without its model (recorded in the
+// destination's lock file). New files get mode 0644 less the umask, like
+// any file a program creates.
 
 const tmpMarker = ".onnxlora-tmp-"
 
