@@ -36,10 +36,16 @@ func checkRanks(layers []*Layer, sel []Selection, allowLarge bool) error {
 	for _, s := range sel {
 		l := layers[s.Index]
 		r := int64(s.Rank)
-		if l.In+l.Out <= 0 || r > maxBytes/8/(l.In+l.Out) {
+		// A Conv layer's A holds in·kernel values per rank.
+		k := l.KernelSize()
+		if k <= 0 || l.In > maxBytes/k {
+			return fmt.Errorf("module %s: kernel %v is too large", l.Module, l.Kernel)
+		}
+		per := l.In*k + l.Out
+		if per <= 0 || r > maxBytes/8/per {
 			return fmt.Errorf("module %s: rank %d makes adapters with too many elements", l.Module, s.Rank)
 		}
-		total = min(total+8*r*(l.In+l.Out), maxBytes)
+		total = min(total+8*r*per, maxBytes)
 		if err := graph.CheckAlloc(total, fmt.Sprintf("module %s: rank %d adapters [%d,%d] and [%d,%d]", l.Module, s.Rank, l.In, s.Rank, s.Rank, l.Out)); err != nil {
 			return err
 		}
