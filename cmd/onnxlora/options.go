@@ -236,8 +236,11 @@ func adapterFiles(what, path string) []string {
 // peftFiles lists the files of a PEFT adapter folder that onnxlora reads
 // and writes, for checkPaths.
 func peftFiles(what, dir string) []string {
-	if dir == "" {
+	switch dir {
+	case "":
 		return nil
+	case paths.Stdout:
+		return []string{what, dir} // refused by checkPaths
 	}
 	return []string{
 		what + " config", filepath.Join(dir, export.PEFTConfigFile),

@@ -177,6 +177,7 @@ func TestDashOutput(t *testing.T) {
 		{"inject", m, "-o", "out.onnx", "--target", "q_proj", "--manifest", "-"},
 		{"merge", m, "-o", "-"},
 		{"grad", m, "-o", "-"},
+		{"export-adapter", m, "-o", "-"},
 	} {
 		r := run(t, args...)
 		if r.code != 2 || !strings.Contains(r.stderr, "standard output") {
