@@ -137,3 +137,24 @@ func TestMoreRules(t *testing.T) {
 		{name: "SkipLayerNormalization", op: "SkipLayerNormalization", domain: msDomain, dt: graph.Float, outs: 4, use: []int{0, 3}, attrs: []*onnxpb.AttributeProto{eps}, args: []arg{f(2, 3, 4), f(2, 3, 4), f(4), f(4), f(4)}},
 	})
 }
+
+func TestConvRule(t *testing.T) {
+	attrs := func(kv ...any) []*onnxpb.AttributeProto {
+		var as []*onnxpb.AttributeProto
+		for i := 0; i < len(kv); i += 2 {
+			as = append(as, intsAttr(kv[i].(string), kv[i+1].([]int64)...))
+		}
+		return as
+	}
+	runCases(t, []fdCase{
+		{name: "Conv/3x3-stride2-pad1-bias", op: "Conv", dt: graph.Float, attrs: attrs("strides", []int64{2, 2}, "pads", []int64{1, 1, 1, 1}),
+			args: []arg{f(2, 3, 5, 6), f(4, 3, 3, 3), f(4)}},
+		{name: "Conv/dilated-asymmetric-pads", op: "Conv", dt: graph.Float, attrs: attrs("dilations", []int64{2, 1}, "pads", []int64{0, 1, 2, 0}),
+			args: []arg{f(1, 2, 6, 5), f(3, 2, 2, 3)}},
+		{name: "Conv/1x1", op: "Conv", dt: graph.Float, args: []arg{f(2, 4, 3, 3), f(5, 4, 1, 1)}},
+		{name: "Conv/1d-stride3", op: "Conv", dt: graph.Float, attrs: attrs("strides", []int64{3}, "pads", []int64{1, 0}),
+			args: []arg{f(2, 2, 8), f(3, 2, 3), f(3)}},
+		{name: "Conv/3d", op: "Conv", dt: graph.Float, attrs: attrs("pads", []int64{1, 0, 0, 1, 0, 0}),
+			args: []arg{f(1, 2, 3, 3, 3), f(2, 2, 2, 2, 2)}},
+	})
+}
