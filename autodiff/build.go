@@ -28,6 +28,11 @@ type Options struct {
 	// nodes stay as the model has them (an identity unless a training_mode
 	// input is already wired).
 	Dropout bool
+	// Detach lists values treated as constants, as torch's detach(): no
+	// gradient flows back through them. Nodes whose doc_string is
+	// DetachMarker are detached too (DoRA's weight norm, which PEFT
+	// detaches, is written so).
+	Detach []string
 	// KeepOutputs keeps the model's own outputs after loss and gradients
 	// (for metrics such as accuracy); by default the step graph has only
 	// loss and gradients, so nothing else is computed.
@@ -85,6 +90,8 @@ func (s *Step) OutputNames() []string {
 const (
 	LossName   = "loss"
 	LabelsName = "labels"
+	// DetachMarker, as a node's doc_string, detaches the node's outputs.
+	DetachMarker = "onnxlora:detach"
 	// TrainingModeName is the input Options.Dropout adds.
 	TrainingModeName = "training_mode"
 	GradSuffix       = "_grad"
@@ -181,7 +188,17 @@ func build(m *graph.Model, opts Options) (*Step, error) {
 	step.LabelsType = labelsType
 	forward := slices.Clone(g.Proto.Node)
 
-	b := &backward{e: e, g: g, ti: ti, grads: map[string][]string{}}
+	b := &backward{e: e, g: g, ti: ti, grads: map[string][]string{}, detached: map[string]bool{}}
+	for _, v := range opts.Detach {
+		b.detached[v] = true
+	}
+	for _, n := range forward {
+		if n.GetDocString() == DetachMarker {
+			for _, o := range n.Output {
+				b.detached[o] = true
+			}
+		}
+	}
 	if err := b.run(forward, params, loss); err != nil {
 		return nil, err
 	}
@@ -354,10 +371,11 @@ func addParamInputs(m *graph.Model, g *graph.Graph, params []Param) {
 
 // backward walks the forward nodes in reverse and writes their gradients.
 type backward struct {
-	e     *emitter
-	g     *graph.Graph
-	ti    *typeInfo
-	grads map[string][]string // value -> gradient contributions
+	e        *emitter
+	g        *graph.Graph
+	ti       *typeInfo
+	grads    map[string][]string // value -> gradient contributions
+	detached map[string]bool     // values treated as constants
 }
 
 func (b *backward) run(forward []*onnxpb.NodeProto, params []Param, loss string) error {
@@ -381,7 +399,7 @@ func (b *backward) run(forward []*onnxpb.NodeProto, params []Param, loss string)
 			continue
 		}
 		for _, out := range n.Output {
-			if out != "" && isDifferentiableType(b.ti.elem[out]) {
+			if out != "" && isDifferentiableType(b.ti.elem[out]) && !b.detached[out] {
 				requires[out] = true
 			}
 		}

@@ -312,3 +312,46 @@ func TestDropoutWiring(t *testing.T) {
 		}
 	}
 }
+
+// A detached value is a constant to the backward: for y = x·stop(x) the
+// gradient is stop(x) = x, not 2x; by name (Options.Detach) or by the
+// node's doc_string marker.
+func TestDetach(t *testing.T) {
+	orttest.Require(t)
+	for _, byMarker := range []bool{false, true} {
+		mp, params := fdCase{name: "detach", op: "Identity", args: []arg{f(6)}}.build(t)
+		// Graph so far: x0 -> Identity -> y0 -> Reshape -> flat0 -> Concat -> y.
+		// Make y0 = x0 · Identity(x0) with the Identity detached.
+		id := mp.Graph.Node[0]
+		id.Output[0] = "stopped"
+		if byMarker {
+			id.DocString = proto.String(DetachMarker)
+		}
+		mp.Graph.Node = append([]*onnxpb.NodeProto{id, node("Mul", []string{"x0", "stopped"}, []string{"y0"})}, mp.Graph.Node[1:]...)
+		mp.Graph.Output = []*onnxpb.ValueInfoProto{tensorValueInfo("y", graph.Double, []dim{{value: 6}})}
+		opts := Options{Loss: "mse", Params: params}
+		if !byMarker {
+			opts.Detach = []string{"stopped"}
+		}
+		m := graph.NewModel(mp, "")
+		step, err := Build(m, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := orttest.Open(t, saveProto(t, m.Proto, "step.onnx"))
+		zeros, _ := ortrun.FromFloat64(LabelsName, ortrun.Float64, []int64{6}, make([]float64, 6))
+		out, err := s.RunOutputs([]ortrun.Tensor{zeros}, []string{step.Params[0].Grad})
+		if err != nil {
+			t.Fatal(err)
+		}
+		grad, _ := out[0].Float64s()
+		x := tensorValues(t, mp.Graph.Initializer[0])
+		for i := range grad {
+			// loss = mean(y²), y = x·s: dloss/dx = 2y/6 · s with s = x.
+			want := 2 * x[i] * x[i] / 6 * x[i]
+			if math.Abs(grad[i]-want) > 1e-12 {
+				t.Fatalf("marker %v, element %d: grad %g, want %g (detached)", byMarker, i, grad[i], want)
+			}
+		}
+	}
+}
