@@ -413,3 +413,29 @@ func allDoRA(found []*foundAdapter) (bool, error) {
 	}
 	return n > 0, nil
 }
+
+// sharedBeyond reports whether l's weight, or a value on its chain, has
+// readers other than l's node, its chain and the named branch nodes.
+func sharedBeyond(l *Layer, branch map[string]bool) bool {
+	w := l.Weight
+	skip := func(c *onnxpb.NodeProto) bool {
+		if c == l.Node || (c.GetName() != "" && branch[c.GetName()]) {
+			return true
+		}
+		for _, ch := range w.Chain {
+			if c == ch {
+				return true
+			}
+		}
+		return false
+	}
+	if w.Scope != nil && countReaders(w.Scope, w.Name, skip) > 0 {
+		return true
+	}
+	for _, ch := range w.Chain {
+		if len(ch.Output) > 0 && countReaders(l.Graph, ch.Output[0], skip) > 0 {
+			return true
+		}
+	}
+	return false
+}

@@ -46,6 +46,13 @@ func TestInjectDoRA(t *testing.T) {
 			}
 		}
 	}
+	// The DoRA branch reads the weight, but that does not make it shared.
+	layers, _ := FindLayers(m)
+	for _, l := range layers {
+		if l.Shared {
+			t.Errorf("%s counted as shared after inject --dora", l.Module)
+		}
+	}
 	// fc1 16x12, fc2 8x16 at r=4: A, B and the magnitude.
 	if want := int64(4*(12+16) + 16 + 4*(16+8) + 8); inj.Trainable != want {
 		t.Errorf("trainable %d, want %d", inj.Trainable, want)

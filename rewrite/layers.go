@@ -85,6 +85,10 @@ func FindLayers(m *graph.Model) ([]*Layer, []Skipped) {
 				continue
 			}
 			l, reason := layerOf(s, n)
+			if l != nil && l.Shared && l.Weight != nil && len(branch) > 0 {
+				// A DoRA branch reads the weight too; it is not another layer.
+				l.Shared = sharedBeyond(l, branch)
+			}
 			if l != nil {
 				layers = append(layers, l)
 			} else if reason != "" {
