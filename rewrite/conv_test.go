@@ -326,3 +326,46 @@ func TestConvRefusals(t *testing.T) {
 		t.Errorf("Linear module on a Conv: %v", err)
 	}
 }
+
+// TestConvNdInORT: Conv1d and Conv3d LoRA as Conv2d: the injected branch
+// computes PEFT's forward, merge and the PEFT dir give torch's kernel.
+func TestConvNdInORT(t *testing.T) {
+	orttest.Require(t)
+	for _, c := range []string{"conv1d", "conv3d"} {
+		t.Run(c, func(t *testing.T) {
+			e := readVB(t, c)
+			ins := e.inputs(t)
+			dir := t.TempDir()
+			m := loadModel(t, variantsB(c+".onnx"))
+			inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"c"}, Rank: 4, Alpha: 8}, AllowLargeRank: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			peft := loadPEFTTensors(t, variantsB(c, "adapter"))
+			a := inj.Manifest.Adapters[0]
+			setInitializer(t, m, a.LoraA, peft["base_model.model.c.lora_A.weight"])
+			setInitializer(t, m, a.LoraB, peft["base_model.model.c.lora_B.weight"])
+			got := runModel(t, mgSaveModel(t, m, filepath.Join(dir, "injected.onnx")), ins)
+			if rel := vtRel(t, got, e.output("unmerged", "y")); rel > 1e-5 {
+				t.Fatalf("injected vs torch: rel %g", rel)
+			}
+			if _, err := Merge(m, MergeOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if rel := vtRel(t, runModel(t, mgSaveModel(t, m, filepath.Join(dir, "merged.onnx")), ins), got); rel > 1e-6 {
+				t.Errorf("merged vs unmerged: rel %g", rel)
+			}
+			applied := loadModel(t, variantsB(c+".onnx"))
+			if _, err := ApplyPEFT(applied, variantsB(c, "adapter"), MergeOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			for _, mm := range []*graph.Model{m, applied} {
+				tp, _ := mm.Graph().Initializer("c.weight")
+				v, _ := mm.Float64s(tp)
+				if rel := vtRel(t, map[string][]float64{"w": v}, map[string][]float64{"w": e.Weights["c.weight"].Data}); rel > 1e-6 {
+					t.Errorf("merged kernel vs torch: rel %g", rel)
+				}
+			}
+		})
+	}
+}

@@ -21,6 +21,10 @@ Outputs (next to this script; re-running gives identical files):
   conv/expected.json
                    x, the PEFT forward (unmerged) and torch's merge: outputs and the
                    merged kernels
+  conv1d.onnx, conv3d.onnx, conv1d/, conv3d/
+                   one layer "c": Conv1d 4->6 (k 3, stride 2, padding 1) on [2, 4, 11],
+                   Conv3d 2->3 (k 3, padding 1) on [1, 2, 4, 5, 5]; the same adapter
+                   files and references (r 4, alpha 8)
 
 DoRA (peft/tuners/lora/dora.py DoraLinearLayer, use_dora=true):
              ||V|| = ||W + scaling * B @ A|| per output row (detached in training)
@@ -196,6 +200,45 @@ def conv_case():
     merged = conv_forward(merged_net, x, {}, scaling)
     base = conv_forward(net, x, {}, scaling)
     write_expected("conv", {"x": x}, {"unmerged": unmerged, "merged": merged, "base": base}, weights)
+
+
+class ConvNd(nn.Module):
+    """One Conv1d or Conv3d layer, "c"."""
+    def __init__(self, dims):
+        super().__init__()
+        if dims == 1:
+            self.c = nn.Conv1d(4, 6, 3, stride=2, padding=1)
+        else:
+            self.c = nn.Conv3d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x)
+
+
+def convnd_case(dims):
+    """Conv1d/Conv3d LoRA: PEFT's kxk path, F.convNd(A.transpose(0, 1), B).transpose(0, 1)."""
+    torch.manual_seed(10 + dims)
+    net = ConvNd(dims).eval()
+    x = torch.randn(2, 4, 11) if dims == 1 else torch.randn(1, 2, 4, 5, 5)
+    case = "conv%dd" % dims
+    export(net, os.path.join(HERE, case + ".onnx"), (x,), ["x"], ["y"])
+    conv_fn = F.conv1d if dims == 1 else F.conv3d
+    c = net.c
+    r, scaling = 4, 2.0
+    g = torch.Generator().manual_seed(20 + dims)
+    out, cin = c.weight.shape[:2]
+    a = (torch.rand(r, cin, *c.kernel_size, generator=g) * 2 - 1) / (cin * np.prod(c.kernel_size)) ** 0.5
+    b = (torch.rand(out, r, *([1] * dims), generator=g) * 2 - 1) * 0.3
+    write_adapter(case, lora_config(target_modules=["c"]),
+                  {"base_model.model.c.lora_A.weight": a, "base_model.model.c.lora_B.weight": b})
+    w, bias = c.weight.double(), c.bias.double()
+    xd = x.double()
+    base = conv_fn(xd, w, bias, c.stride, c.padding)
+    unmerged = base + conv_fn(conv_fn(xd, a.double(), None, c.stride, c.padding), b.double()) * scaling
+    delta = conv_fn(a.double().transpose(0, 1), b.double()).transpose(0, 1) * scaling
+    merged_w = (w + delta).float()
+    merged = conv_fn(xd, merged_w.double(), bias, c.stride, c.padding)
+    write_expected(case, {"x": x}, {"unmerged": unmerged, "merged": merged, "base": base}, {"c.weight": merged_w})
 
 
 # ---- DoRA ----
@@ -416,6 +459,8 @@ def quant_case():
 
 def main():
     conv_case()
+    convnd_case(1)
+    convnd_case(3)
     dora_case()
     quant_case()
 
