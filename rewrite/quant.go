@@ -152,8 +152,14 @@ func qdqLayer(g *graph.Graph, l *Layer, dq *onnxpb.NodeProto) (*Layer, string) {
 		q.Axis = axis
 	}
 	if len(dq.Input) > 2 && dq.Input[2] != "" {
-		if zp, _, _ := g.ConstantTensor(dq.Input[2]); zp == nil {
+		zp, _, _ := g.ConstantTensor(dq.Input[2])
+		if zp == nil {
 			return nil, "DequantizeLinear zero point is not a constant"
+		}
+		nz, _ := graph.NumElements(zp.Dims)
+		ns, _ := graph.NumElements(scales.Dims)
+		if zp.GetDataType() != data.GetDataType() || nz != ns {
+			return nil, fmt.Sprintf("DequantizeLinear zero point %q (%v %v) does not fit its scales %v", zp.GetName(), graph.DataType(zp.GetDataType()), zp.Dims, scales.Dims)
 		}
 		q.ZeroPoints = dq.Input[2]
 	}

@@ -216,3 +216,28 @@ func mustMkdir(t *testing.T, path string) string {
 	}
 	return path
 }
+
+// TestQuantizedMalformed: quantized weights whose parts disagree are
+// skipped with the reason, never read out of bounds.
+func TestQuantizedMalformed(t *testing.T) {
+	m := loadModel(t, variantsB("qdq.onnx"))
+	zp, _ := m.Graph().Initializer("fc1.weight_zero_point")
+	zp.Dims = []int64{4}
+	if err := graph.SetRawData(zp, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	layers, skipped := FindLayers(m)
+	if len(layers) != 1 || len(skipped) != 1 || !strings.Contains(skipped[0].Reason, "does not fit its scales") {
+		t.Errorf("layers %d, skipped %+v", len(layers), skipped)
+	}
+	n := loadModel(t, variantsB("nbits.onnx"))
+	sc, _ := n.Graph().Initializer("fc1.weight_scales")
+	sc.Dims = []int64{3}
+	if err := graph.SetFloat64s(sc, []float64{1, 1, 1}); err != nil {
+		t.Fatal(err)
+	}
+	layers, skipped = FindLayers(n)
+	if len(layers) != 1 || len(skipped) != 1 || !strings.Contains(skipped[0].Reason, "scales") {
+		t.Errorf("layers %d, skipped %+v", len(layers), skipped)
+	}
+}
