@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/ortrun/orttest"
 )
@@ -239,5 +240,49 @@ func TestQuantizedMalformed(t *testing.T) {
 	layers, skipped = FindLayers(n)
 	if len(layers) != 1 || len(skipped) != 1 || !strings.Contains(skipped[0].Reason, "scales") {
 		t.Errorf("layers %d, skipped %+v", len(layers), skipped)
+	}
+}
+
+// TestQuantizedApplyPEFT: a PEFT LoRA dir on a quantized model is refused
+// by default naming the options, and with Dequantize gives the float
+// W + ΔW of the fixture.
+func TestQuantizedApplyPEFT(t *testing.T) {
+	e := readVB(t, "nbits")
+	dir := t.TempDir()
+	var mods []export.PEFTModule
+	for _, c := range []struct {
+		name    string
+		in, out int
+	}{{"fc1", 32, 16}, {"fc2", 16, 8}} {
+		a, b := e.Weights[c.name+".A"].Data, e.Weights[c.name+".B"].Data // [in, r], [r, out]
+		mod := export.PEFTModule{Name: c.name, Rank: 4, InFeatures: c.in, OutFeatures: c.out, Alpha: 8}
+		for _, v := range transposeF64(a, c.in, 4) {
+			mod.A = append(mod.A, float32(v))
+		}
+		for _, v := range transposeF64(b, 4, c.out) {
+			mod.B = append(mod.B, float32(v))
+		}
+		mods = append(mods, mod)
+	}
+	if err := export.WritePEFTAdapter(dir, export.NewPEFTConfig(4, 8, "fc1", "fc2"), mods); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ApplyPEFT(loadModel(t, variantsB("nbits.onnx")), dir, MergeOptions{})
+	if err == nil || !strings.Contains(err.Error(), "--dequantize") || !strings.Contains(err.Error(), "fc1") {
+		t.Fatalf("default: %v", err)
+	}
+	m := loadModel(t, variantsB("nbits.onnx"))
+	if _, err := ApplyPEFT(m, dir, MergeOptions{Quantized: QuantDequantize}); err != nil {
+		t.Fatal(err)
+	}
+	layers, _ := FindLayers(m)
+	for _, l := range layers {
+		w, err := weightInOut(m, l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rel := vtRel(t, map[string][]float64{"w": w}, map[string][]float64{"w": e.Weights[l.Module+".merged"].Data}); rel > 1e-6 {
+			t.Errorf("%s: rel %g", l.Module, rel)
+		}
 	}
 }
