@@ -105,6 +105,10 @@ func TestOutputThatIsAnInputRefused(t *testing.T) {
 	if err := os.Link(data, hard); err != nil {
 		t.Fatal(err)
 	}
+	trainedLink := filepath.Join(root, "trained-link.onnx")
+	if err := os.Link(trained, trainedLink); err != nil {
+		t.Fatal(err)
+	}
 	jsonl := filepath.Join(root, "rows.jsonl")
 	os.WriteFile(jsonl, []byte(`{"input_ids": [1, 2, 3]}`+"\n"), 0o644)
 	out := filepath.Join(root, "out.onnx")
@@ -130,6 +134,7 @@ func TestOutputThatIsAnInputRefused(t *testing.T) {
 		{"train checkpoint over --data", []string{"train", trained, "--data", filepath.Join(root, "out.onnx.ckpt"), "-o", out}},
 		{"train --plot the model", []string{"train", trained, "--data", jsonl, "-o", out, "--plot", filepath.Join(m, "..", "link.onnx.svg")}},
 		{"convert-adapter -o its input", []string{"convert-adapter", ad, "-o", adWeights}},
+		{"resize -o a hard link to its input", []string{"resize", trained, "--rank", "2", "-o", trainedLink}},
 		{"export-adapter over the model", []string{"export-adapter", filepath.Join(exp, "adapter_model.safetensors"), "-o", exp}},
 	} {
 		if tc.name == "train --plot the model" {
