@@ -1,7 +1,6 @@
 package ortrun
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 
@@ -97,12 +96,7 @@ func (a *Adapter) Params() []AdapterParam {
 // Close frees the adapter once no run uses it. It is safe to call more
 // than once; a closed adapter cannot be made active.
 func (a *Adapter) Close() error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.c != nil {
-		cReleaseAdapter(a.c)
-		a.c = nil
-	}
+	releaseOnce(&a.mu, &a.c, cReleaseAdapter)
 	return nil
 }
 
@@ -125,83 +119,7 @@ func (s *Session) RunWith(inputs []Tensor, outputs []string, opts RunOptions) ([
 			outputs[i] = o.Name
 		}
 	}
-	c := s.c
-	if c == nil {
-		return nil, errors.New("ort: session is closed")
-	}
-	if err := s.checkInputs(inputs); err != nil {
-		return nil, err
-	}
-	for _, name := range outputs {
-		if !hasInfo(s.outputs, name) {
-			return nil, fmt.Errorf("ort: %s has no output %q", s.path, name)
-		}
-	}
-	// Hold every adapter shared for the run so Close cannot free it
-	// underneath ORT.
-	adapters := make([]*cAdapter, 0, len(opts.Adapters))
-	for i, a := range opts.Adapters {
-		if a == nil {
-			return nil, fmt.Errorf("ort: adapter %d is nil", i)
-		}
-		for _, b := range opts.Adapters[:i] {
-			if a == b {
-				return nil, fmt.Errorf("ort: adapter %s given twice", a.name)
-			}
-		}
-		a.mu.RLock()
-		defer a.mu.RUnlock()
-		if a.c == nil {
-			return nil, fmt.Errorf("ort: adapter %s is closed", a.name)
-		}
-		adapters = append(adapters, a.c)
-	}
-	if err := s.checkAdapters(inputs, opts.Adapters); err != nil {
-		return nil, err
-	}
-
-	values := make([]*cValue, len(inputs))
-	defer func() {
-		for _, v := range values {
-			if v != nil {
-				cReleaseValue(v)
-			}
-		}
-	}()
-	inNames := make([]string, len(inputs))
-	for i, t := range inputs {
-		v, err := cNewTensor(t.Shape, int(t.DType), t.Data)
-		if err != nil {
-			return nil, fmt.Errorf("ort: input %q: %w", t.Name, err)
-		}
-		values[i], inNames[i] = v, t.Name
-	}
-	outs := make([]*cValue, len(outputs))
-	defer func() {
-		for _, v := range outs {
-			if v != nil {
-				cReleaseValue(v)
-			}
-		}
-	}()
-	if err := cRunAdapters(c, adapters, inNames, values, outputs, outs); err != nil {
-		return nil, fmt.Errorf("ort: running %s: %w", s.path, err)
-	}
-	result := make([]Tensor, len(outputs))
-	for i, v := range outs {
-		if v == nil {
-			return nil, fmt.Errorf("ort: output %q was not produced", outputs[i])
-		}
-		et, shape, data, onnxType, err := cValueTensor(v)
-		if err != nil {
-			return nil, fmt.Errorf("ort: reading output %q: %w", outputs[i], err)
-		}
-		if onnxType != onnxTypeTensor || DType(et) == String {
-			return nil, fmt.Errorf("ort: output %q is not a numeric tensor", outputs[i])
-		}
-		result[i] = Tensor{Name: outputs[i], DType: DType(et), Shape: shape, Data: data}
-	}
-	return result, nil
+	return s.run(inputs, outputs, opts.Adapters)
 }
 
 // checkAdapters rejects adapter parameters the model has no input for, of
@@ -216,14 +134,7 @@ func (s *Session) checkAdapters(inputs []Tensor, adapters []*Adapter) error {
 		for _, p := range a.params {
 			// Adapter parameters are normally overridable initializers
 			// (inputs with rank-0 defaults); plain inputs work too.
-			var info *TensorInfo
-			for _, list := range [][]TensorInfo{s.inputs, s.overridable} {
-				for i := range list {
-					if list[i].Name == p.Name {
-						info = &list[i]
-					}
-				}
-			}
+			info := s.feedable(p.Name)
 			if info == nil {
 				return fmt.Errorf("ort: adapter %s: parameter %q is not an input of %s", a.name, p.Name, s.path)
 			}

@@ -152,12 +152,7 @@ func OpenCUDA(path string, opts *Options, device int) (*Session, error) {
 	if !has {
 		return nil, fmt.Errorf("ort: the loaded ONNX Runtime has no CUDA provider (it has %s); install a GPU build or use the CPU", strings.Join(provs, ", "))
 	}
-	var o Options
-	if opts != nil {
-		o = *opts
-	}
-	intra := max(o.IntraOpThreads, 1)
-	level, err := o.Optimization.ortLevel()
+	intra, level, err := sessionSettings(opts)
 	if err != nil {
 		return nil, err
 	}
@@ -170,22 +165,5 @@ func OpenCUDA(path string, opts *Options, device int) (*Session, error) {
 		defer C.free(unsafe.Pointer(msg))
 		return nil, fmt.Errorf("ort: opening %s with CUDA: %s", path, strings.TrimSpace(C.GoString(msg)))
 	}
-	s := &Session{path: path, c: c}
-	ins, err := cSessionIO(c, ioInputs)
-	if err == nil {
-		s.inputs = toTensorInfos(ins)
-		var outs []ioInfo
-		outs, err = cSessionIO(c, ioOutputs)
-		s.outputs = toTensorInfos(outs)
-	}
-	if err == nil {
-		var over []ioInfo
-		over, err = cSessionIO(c, ioOverridable)
-		s.overridable = toTensorInfos(over)
-	}
-	if err != nil {
-		cReleaseSession(c)
-		return nil, fmt.Errorf("ort: reading inputs and outputs of %s: %w", path, err)
-	}
-	return s, nil
+	return newSession(path, c)
 }

@@ -87,15 +87,7 @@ func Open(path string, opts *Options) (*Session, error) {
 	if err := Init(); err != nil {
 		return nil, err
 	}
-	var o Options
-	if opts != nil {
-		o = *opts
-	}
-	intra := o.IntraOpThreads
-	if intra <= 0 {
-		intra = 1
-	}
-	level, err := o.Optimization.ortLevel()
+	intra, level, err := sessionSettings(opts)
 	if err != nil {
 		return nil, err
 	}
@@ -107,6 +99,23 @@ func Open(path string, opts *Options) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ort: opening %s: %w", path, err)
 	}
+	return newSession(path, c)
+}
+
+// sessionSettings reads the intra-op thread count (at least 1) and ORT's
+// optimization level from opts; nil means defaults.
+func sessionSettings(opts *Options) (intra, level int, err error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	level, err = o.Optimization.ortLevel()
+	return max(o.IntraOpThreads, 1), level, err
+}
+
+// newSession wraps an opened C session, reading its inputs, outputs and
+// overridable initializers; on error it releases c.
+func newSession(path string, c *cSession) (*Session, error) {
 	s := &Session{path: path, c: c}
 	ins, err := cSessionIO(c, ioInputs)
 	if err == nil {
@@ -176,6 +185,12 @@ func (s *Session) Run(inputs []Tensor) ([]Tensor, error) {
 // RunOutputs is Run for the named outputs only, returned in that order;
 // ORT then skips work that only other outputs need.
 func (s *Session) RunOutputs(inputs []Tensor, outputs []string) ([]Tensor, error) {
+	return s.run(inputs, outputs, nil)
+}
+
+// run checks inputs, outputs and adapters, feeds ORT and copies the named
+// outputs back; with no adapters it runs without run options.
+func (s *Session) run(inputs []Tensor, outputs []string, adapters []*Adapter) ([]Tensor, error) {
 	c := s.c
 	if c == nil {
 		return nil, errors.New("ort: session is closed")
@@ -188,6 +203,28 @@ func (s *Session) RunOutputs(inputs []Tensor, outputs []string) ([]Tensor, error
 			return nil, fmt.Errorf("ort: %s has no output %q", s.path, name)
 		}
 	}
+	// Hold every adapter shared for the run so Close cannot free it
+	// underneath ORT.
+	cAdapters := make([]*cAdapter, 0, len(adapters))
+	for i, a := range adapters {
+		if a == nil {
+			return nil, fmt.Errorf("ort: adapter %d is nil", i)
+		}
+		for _, b := range adapters[:i] {
+			if a == b {
+				return nil, fmt.Errorf("ort: adapter %s given twice", a.name)
+			}
+		}
+		a.mu.RLock()
+		defer a.mu.RUnlock()
+		if a.c == nil {
+			return nil, fmt.Errorf("ort: adapter %s is closed", a.name)
+		}
+		cAdapters = append(cAdapters, a.c)
+	}
+	if err := s.checkAdapters(inputs, adapters); err != nil {
+		return nil, err
+	}
 
 	values := make([]*cValue, len(inputs))
 	defer func() {
@@ -197,18 +234,14 @@ func (s *Session) RunOutputs(inputs []Tensor, outputs []string) ([]Tensor, error
 			}
 		}
 	}()
+	inNames := make([]string, len(inputs))
 	for i, t := range inputs {
 		v, err := cNewTensor(t.Shape, int(t.DType), t.Data)
 		if err != nil {
 			return nil, fmt.Errorf("ort: input %q: %w", t.Name, err)
 		}
-		values[i] = v
+		values[i], inNames[i] = v, t.Name
 	}
-	inNames := make([]string, len(inputs))
-	for i, t := range inputs {
-		inNames[i] = t.Name
-	}
-
 	outs := make([]*cValue, len(outputs))
 	defer func() {
 		for _, v := range outs {
@@ -217,7 +250,13 @@ func (s *Session) RunOutputs(inputs []Tensor, outputs []string) ([]Tensor, error
 			}
 		}
 	}()
-	if err := cRun(c, inNames, values, outputs, outs); err != nil {
+	var err error
+	if len(cAdapters) == 0 {
+		err = cRun(c, inNames, values, outputs, outs)
+	} else {
+		err = cRunAdapters(c, cAdapters, inNames, values, outputs, outs)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("ort: running %s: %w", s.path, err)
 	}
 	result := make([]Tensor, len(outputs))
@@ -245,14 +284,7 @@ func (s *Session) RunOutputs(inputs []Tensor, outputs []string) ([]Tensor, error
 func (s *Session) checkInputs(inputs []Tensor) error {
 	seen := make(map[string]bool, len(inputs))
 	for _, t := range inputs {
-		var info *TensorInfo
-		for _, list := range [][]TensorInfo{s.inputs, s.overridable} {
-			for i := range list {
-				if list[i].Name == t.Name {
-					info = &list[i]
-				}
-			}
-		}
+		info := s.feedable(t.Name)
 		if info == nil {
 			return fmt.Errorf("ort: %s has no input %q", s.path, t.Name)
 		}
@@ -273,6 +305,20 @@ func (s *Session) checkInputs(inputs []Tensor) error {
 	return nil
 }
 
+// feedable finds the graph input or overridable initializer called name;
+// nil if there is none.
+func (s *Session) feedable(name string) *TensorInfo {
+	var info *TensorInfo
+	for _, list := range [][]TensorInfo{s.inputs, s.overridable} {
+		for i := range list {
+			if list[i].Name == name {
+				info = &list[i]
+			}
+		}
+	}
+	return info
+}
+
 func hasInfo(infos []TensorInfo, name string) bool {
 	for _, i := range infos {
 		if i.Name == name {
@@ -284,13 +330,20 @@ func hasInfo(infos []TensorInfo, name string) bool {
 
 // Close frees the session. It is safe to call more than once.
 func (s *Session) Close() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.c != nil {
-		cReleaseSession(s.c)
-		s.c = nil
-	}
+	releaseOnce(&s.mu, &s.c, cReleaseSession)
 	return nil
+}
+
+// releaseOnce frees *c under mu and clears it, so a second call does
+// nothing.
+func releaseOnce[P comparable](mu sync.Locker, c *P, release func(P)) {
+	mu.Lock()
+	defer mu.Unlock()
+	var none P
+	if *c != none {
+		release(*c)
+		*c = none
+	}
 }
 
 // onnxTypeTensor is ORT's ONNX_TYPE_TENSOR.
