@@ -272,8 +272,6 @@ func checkLayerKinds(layers []*Layer, sel []Selection, cfg InjectConfig) error {
 // about being a convolution, or "".
 func convAssignmentProblem(mod *export.PEFTModule, l *Layer) string {
 	switch {
-	case mod.Magnitude != nil && (l.Op == opConv || mod.Kernel != nil):
-		return fmt.Sprintf("%s: DoRA on Conv layers is not supported here (Linear only)", suffixOf(mod.KeyA))
 	case mod.Magnitude != nil && mod.Embedding:
 		return "DoRA on an Embedding layer is not supported"
 	case l.Op == opConv && mod.Kernel == nil:
@@ -307,6 +305,11 @@ func (p *plan) addPEFTConv(as *PEFTAssignment) error {
 		b[i] = float64(v)
 	}
 	rep := &MergedLayer{Module: l.Module, PEFTModule: mod.Name, Rank: mod.Rank, Alpha: mod.Alpha, Scaling: mod.Scaling}
+	if mod.Magnitude != nil {
+		// DoRA takes the factors in x·W orientation, A [in·K, r], B [r, out].
+		at, bt := transposeF64(a, mod.Rank, len(a)/mod.Rank), transposeF64(b, mod.OutFeatures, mod.Rank)
+		return p.addPEFTDoRA(l, mod, at, bt, rep)
+	}
 	return p.addConvUpdate(l, a, b, mod.Rank, mod.Scaling, rep)
 }
 
@@ -352,7 +355,7 @@ func peftConvModule(m *graph.Model, f *foundAdapter, dt export.DType) (export.PE
 	for i, v := range b {
 		mod.B[i] = float32(v)
 	}
-	return mod, nil
+	return mod, attachMagnitude(m, f, &mod)
 }
 
 // Params counts the adapter's trainable elements as PEFT does: A and B

@@ -115,7 +115,7 @@ var (
 )
 
 func isDoRAKind(k *branchKind) bool {
-	for _, d := range doraKinds {
+	for _, d := range append(doraKinds[:len(doraKinds):len(doraKinds)], doraConvKinds...) {
 		if k == d {
 			return true
 		}
@@ -125,19 +125,23 @@ func isDoRAKind(k *branchKind) bool {
 
 // hasBias reports whether a Gemm layer adds a C input.
 func hasBias(l *Layer) bool {
-	return l.Op == "Gemm" && len(l.Node.Input) > 2 && l.Node.Input[2] != ""
+	return (l.Op == "Gemm" || l.Op == opConv) && len(l.Node.Input) > 2 && l.Node.Input[2] != ""
 }
 
 // doraKind returns the DoRA description for a layer.
 func doraKind(l *Layer) *branchKind {
+	if l.Op == opConv {
+		return doraConvKind(l)
+	}
 	return doraKindOf(hasBias(l), l.TransB)
 }
 
 // doraProblem says why a layer cannot take a DoRA branch, or "".
 func doraProblem(l *Layer, cfg InjectConfig) string {
 	switch {
+	case l.Op == opConv && doraConvKind(l) == nil:
+		return fmt.Sprintf("DoRA on a Conv with %d spatial axes is not supported", len(l.Kernel))
 	case l.Op == opConv:
-		return "DoRA on Conv layers is not supported here (Linear only)"
 	case l.Op != "MatMul" && l.Op != "Gemm":
 		return "DoRA needs a MatMul or Gemm"
 	case l.TransA || l.Alpha != 1:
@@ -165,7 +169,10 @@ func weightInOut(m *graph.Model, l *Layer) ([]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	if l.StoredTransposed() {
+	switch {
+	case l.Op == opConv: // [out, in, k…] = [out, in·K]
+		w = transposeF64(w, int(l.Out), int(l.In*l.KernelSize()))
+	case l.StoredTransposed():
 		w = transposeF64(w, int(l.Out), int(l.In))
 	}
 	return w, nil
@@ -214,20 +221,25 @@ func doraParam(m *graph.Model, l *Layer, name string) (string, *onnxpb.TensorPro
 		if err != nil {
 			return "", nil, err
 		}
-		norms := doraNorms(w, nil, nil, int(l.In), int(l.Out), 0, 0)
+		norms := doraNorms(w, nil, nil, int(l.In*l.KernelSize()), int(l.Out), 0, 0)
 		for j, v := range norms {
 			if v == 0 {
 				return "", nil, fmt.Errorf("output feature %d of weight %q is all zeros: DoRA's m/‖W‖ is undefined", j, l.Weight.Name)
 			}
 		}
-		t, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_magnitude_vector"), l.DType, []int64{1, l.Out}, norms)
+		dims := []int64{1, l.Out}
+		for range l.Kernel {
+			dims = append(dims, 1)
+		}
+		t, err := graph.NewFloatTensor(g.UniqueName(l.Module+".lora_magnitude_vector"), l.DType, dims, norms)
 		return "", t, err
 	case "ones":
 		dims := []int64{1, l.In}
 		if l.TransB {
 			dims = []int64{l.In, 1}
 		}
-		vals := make([]float64, l.In)
+		dims = append(dims, l.Kernel...)
+		vals := make([]float64, l.In*l.KernelSize())
 		for i := range vals {
 			vals[i] = 1
 		}
@@ -251,8 +263,22 @@ func checkDoRABranch(m *graph.Model, bm *branchMatch) error {
 	if bm.Params["W"] != l.Node.Input[1] {
 		return fmt.Errorf("the DoRA norm reads %q, not the layer's weight %q", bm.Params["W"], l.Node.Input[1])
 	}
-	if hasBias(l) && bm.Params["C"] != l.Node.Input[2] {
+	if bm.Kind.param("C") != nil && bm.Params["C"] != l.Node.Input[2] {
 		return fmt.Errorf("the DoRA branch adds back %q, not the layer's bias %q", bm.Params["C"], l.Node.Input[2])
+	}
+	if l.Op == opConv {
+		if err := checkConvBranch(bm); err != nil {
+			return err
+		}
+		for _, role := range []string{"Conv_W", "Conv_W_bias"} {
+			if n := bm.node(role); n != nil {
+				for _, name := range convBaseAttrs {
+					if !sameConvAttr(graph.Attr(n, name), graph.Attr(l.Node, name)) {
+						return fmt.Errorf("%s's %s differs from the layer's", nodeDisplayName(n), name)
+					}
+				}
+			}
+		}
 	}
 	if bm.Dims["one"] != 1 {
 		return fmt.Errorf("lora_magnitude_vector %s is %v, not [1, %d]", bm.Params["M"], bm.Tensors["M"].Dims, l.Out)
@@ -293,6 +319,9 @@ func (p *plan) addDoRAAdapter(f *foundAdapter) error {
 	if err != nil {
 		return err
 	}
+	if l := f.Layer; l.Op == opConv { // A [r, in·K], B [out, r] -> x·W's
+		a, b = transposeF64(a, f.Rank, len(a)/max(f.Rank, 1)), transposeF64(b, int(l.Out), f.Rank)
+	}
 	rep := &MergedLayer{Module: f.Module, Rank: f.Rank, Alpha: f.Alpha, Scaling: f.Scaling}
 	if err := p.addDoRAUpdate(f.Layer, f.branchMatch, a, b, mag, f.Rank, f.Scaling, rep); err != nil {
 		return err
@@ -311,14 +340,15 @@ func (p *plan) addDoRAUpdate(l *Layer, br *branchMatch, a, b, mag []float64, r i
 	if len(mag) != int(l.Out) {
 		return fmt.Errorf("the DoRA magnitude has %d values for %d output features", len(mag), l.Out)
 	}
-	if int64(len(a)) != l.In*int64(r) || int64(len(b)) != int64(r)*l.Out {
-		return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", len(a), len(b), l.In, l.Out, r)
+	in := l.In * l.KernelSize()
+	if int64(len(a)) != in*int64(r) || int64(len(b)) != int64(r)*l.Out {
+		return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", len(a), len(b), in, l.Out, r)
 	}
 	w, err := weightInOut(p.m, l)
 	if err != nil {
 		return err
 	}
-	norms := doraNorms(w, a, b, int(l.In), int(l.Out), r, scaling)
+	norms := doraNorms(w, a, b, int(in), int(l.Out), r, scaling)
 	scale := make([]float64, len(norms))
 	for j, n := range norms {
 		if n == 0 || math.IsNaN(n) || math.IsInf(n, 0) {
@@ -333,7 +363,12 @@ func (p *plan) addDoRAUpdate(l *Layer, br *branchMatch, a, b, mag []float64, r i
 			p.detached[n] = true
 		}
 	}
-	if err := p.addUpdate(l, a, b, r, scaling, rep); err != nil {
+	if l.Op == opConv {
+		err = p.addConvUpdate(l, transposeF64(a, int(in), r), transposeF64(b, r, int(l.Out)), r, scaling, rep)
+	} else {
+		err = p.addUpdate(l, a, b, r, scaling, rep)
+	}
+	if err != nil {
 		return err
 	}
 	u := p.updates[len(p.updates)-1]

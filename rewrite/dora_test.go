@@ -63,7 +63,7 @@ func TestInjectDoRA(t *testing.T) {
 		want string
 	}{
 		{"dropout", InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc1"}, Rank: 2, Alpha: 2}, DoRA: true, Dropout: 0.1}, "module fc1: DoRA with dropout"},
-		{"conv", InjectConfig{SelectOptions: SelectOptions{Targets: []string{"body"}, Rank: 2, Alpha: 2}, DoRA: true}, "module body: DoRA on Conv"},
+		{"dora adapter inputs", InjectConfig{SelectOptions: SelectOptions{Targets: []string{"fc1"}, Rank: 2, Alpha: 2}, DoRA: true, AdapterInputs: true}, "module fc1: DoRA cannot be an adapter-input branch"},
 	} {
 		mm := loadModel(t, variantsB("mlp.onnx"))
 		if c.name == "conv" {
@@ -276,4 +276,72 @@ func TestDoRAStepGraph(t *testing.T) {
 	if len(step.Params) != 6 {
 		t.Errorf("%d params, want A, B and the magnitude of two layers", len(step.Params))
 	}
+}
+
+// TestDoRAConvInORT: DoRA on Conv layers (PEFT's DoraConv2dLayer, a 3x3
+// without bias and a 1x1 with one): B = 0 computes the base; with the
+// fixture's A, B and magnitude, PEFT's forward (torch, float64) within
+// 1e-5; merged the same within 1e-6 with torch's kernels; the PEFT dir
+// applies to torch's kernels and the model exports it back.
+func TestDoRAConvInORT(t *testing.T) {
+	orttest.Require(t)
+	e := readVB(t, "dora-conv")
+	ins := e.inputs(t)
+	dir := t.TempDir()
+	cfg := InjectConfig{SelectOptions: SelectOptions{Targets: []string{"c1", "c2"}, Rank: 4, Alpha: 8}, DoRA: true, AllowLargeRank: true}
+	m0 := loadModel(t, variantsB("dora-conv.onnx"))
+	if _, err := Inject(m0, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if rel := vtRel(t, runModel(t, mgSaveModel(t, m0, filepath.Join(dir, "step0.onnx")), ins), e.output("base", "y")); rel > 1e-6 {
+		t.Errorf("B = 0 vs base: rel %g", rel)
+	}
+	m := loadModel(t, variantsB("dora-conv.onnx"))
+	inj, err := Inject(m, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peft := loadPEFTTensors(t, variantsB("dora-conv", "adapter"))
+	for _, a := range inj.Manifest.Adapters {
+		key := "base_model.model." + a.Module
+		setInitializer(t, m, a.LoraA, peft[key+".lora_A.weight"])
+		setInitializer(t, m, a.LoraB, peft[key+".lora_B.weight"])
+		setInitializer(t, m, a.Magnitude, peft[key+".lora_magnitude_vector"])
+	}
+	got := runModel(t, mgSaveModel(t, m, filepath.Join(dir, "injected.onnx")), ins)
+	if rel := vtRel(t, got, e.output("unmerged", "y")); rel > 1e-5 {
+		t.Fatalf("injected vs torch DoRA conv forward: rel %g", rel)
+	} else {
+		t.Logf("injected vs torch DoRA conv forward: rel %.2g", rel)
+	}
+	// The manifest-less model merges the same (the conv LoRA sum inside
+	// is part of the DoRA branch).
+	m2 := loadModel(t, filepath.Join(dir, "injected.onnx"))
+	m2.DeleteMetadata(ManifestKey)
+	if rep, err := Merge(m2, MergeOptions{}); err != nil || len(rep.Merged) != 2 {
+		t.Fatalf("recognized merge: %v", err)
+	}
+	checkWeights(t, m2, e)
+	out := filepath.Join(dir, "exported")
+	if _, err := ExportPEFT(m, out, ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	back := loadPEFTTensors(t, out)
+	for k, v := range peft {
+		if !slices.Equal(back[k], v) {
+			t.Errorf("exported %s differs", k)
+		}
+	}
+	if _, err := Merge(m, MergeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if rel := vtRel(t, runModel(t, mgSaveModel(t, m, filepath.Join(dir, "merged.onnx")), ins), got); rel > 1e-6 {
+		t.Errorf("merged vs unmerged: rel %g", rel)
+	}
+	checkWeights(t, m, e)
+	applied := loadModel(t, variantsB("dora-conv.onnx"))
+	if _, err := ApplyPEFT(applied, variantsB("dora-conv", "adapter"), MergeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	checkWeights(t, applied, e)
 }

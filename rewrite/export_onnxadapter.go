@@ -40,7 +40,7 @@ func ExportOnnxAdapter(m *graph.Model, opts ExportOptions) (*export.OnnxAdapter,
 		if f.isInputs() && f.Rank == 0 {
 			return nil, nil, fmt.Errorf("adapter %s: inputs %s and %s hold rank-0 defaults, so there is nothing to export; adapters for an adapter-input model come from convert-adapter or from exporting a trained model", f.Module, f.A, f.B)
 		}
-		if f.Kind == convBranch {
+		if f.Kind == convBranch || isDoRAKind(f.Kind) {
 			return nil, nil, fmt.Errorf("adapter %s: a %s adapter does not fit ONNX Runtime's .onnx_adapter (2-D A and B per MatMul); export it as a PEFT dir", f.Module, f.Kind.Name)
 		}
 		dt := graph.DataType(f.TA.GetDataType())

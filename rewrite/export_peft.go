@@ -155,7 +155,7 @@ func peftModule(m *graph.Model, f *foundAdapter) (export.PEFTModule, error) {
 	if !ok || f.TB.GetDataType() != f.TA.GetDataType() {
 		return export.PEFTModule{}, fmt.Errorf("lora_A is %v and lora_B %v; both must be one float type", graph.DataType(f.TA.GetDataType()), graph.DataType(f.TB.GetDataType()))
 	}
-	if f.Kind == convBranch {
+	if f.Layer.Op == opConv {
 		return peftConvModule(m, f, dt)
 	}
 	a, err := m.Float64s(f.TA)

@@ -99,6 +99,8 @@ func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
 // branchKinds are the kinds recognition knows, tried in order.
 var branchKinds = []*branchKind{loraBranch, adapterInputBranch, convBranch, castBranchF16, castBranchBF16, doraBranch, doraBranchTransB, doraBiasBranch, doraBiasBranchTransB, nbitsBranch}
 
+func init() { branchKinds = append(branchKinds, doraConvKinds...) }
+
 // isInputs reports whether the branch's A and B are graph inputs
 // (adapterInputBranch): fed per run, the scaling inside B.
 func (b *branch) isInputs() bool { return b.Kind == adapterInputBranch }

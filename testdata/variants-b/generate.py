@@ -40,6 +40,10 @@ DoRA (peft/tuners/lora/dora.py DoraLinearLayer, use_dora=true):
                    their init; dora-named/adapter/ the same under the live keys
   dora/expected.json
                    x, the DoRA forward (unmerged) and the merge: outputs and weights
+  dora-conv.onnx, dora-conv/
+                   DoraConv2dLayer: x [2, 4, 9, 9] -> c1 (Conv2d 4->8, 3x3, stride 2,
+                   padding 1, no bias) -> relu -> c2 (Conv2d 8->6, 1x1, bias); the
+                   magnitude [1, out, 1, 1], ||V|| over dims (1, 2, 3)
 
 Quantized bases (QLoRA: a float adapter beside the quantized product):
 
@@ -457,11 +461,80 @@ def quant_case():
                        {"base": torch.from_numpy(fwd([0, 0])), "adapted": torch.from_numpy(fwd(deltas))}, weights)
 
 
+class DoraConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.c2 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def dora_conv_norm(conv, a, b, scaling):
+    """DoraConv2dLayer.get_weight_norm: ||W + scaling * B·A|| over dims (1, 2, 3),
+    kept as [1, out, 1, 1]."""
+    w = conv.weight.double()
+    lw = torch.mm(b.flatten(start_dim=1), a.flatten(start_dim=1)).reshape(w.shape)
+    return (w + scaling * lw).norm(p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)
+
+
+def dora_conv_case():
+    torch.manual_seed(5)
+    net = DoraConvNet().eval()
+    x = torch.randn(2, 4, 9, 9)
+    export(net, os.path.join(HERE, "dora-conv.onnx"), (x,), ["x"], ["y"])
+    r, scaling = 4, 2.0
+    g = torch.Generator().manual_seed(6)
+    adapters, saved = {}, {}
+    for name in ["c1", "c2"]:
+        c = getattr(net, name)
+        out, cin = c.weight.shape[:2]
+        a = (torch.rand(r, cin, *c.kernel_size, generator=g) * 2 - 1) / (cin * np.prod(c.kernel_size)) ** 0.5
+        b = (torch.rand(out, r, 1, 1, generator=g) * 2 - 1) * 0.3
+        m = (dora_conv_norm(c, a.double(), b.double(), scaling) * (1 + 0.1 * (torch.rand(1, out, 1, 1, generator=g).double() * 2 - 1))).float()
+        adapters[name] = (a, b, m)
+        saved["base_model.model.%s.lora_A.weight" % name] = a
+        saved["base_model.model.%s.lora_B.weight" % name] = b
+        saved["base_model.model.%s.lora_magnitude_vector" % name] = m
+    write_adapter("dora-conv", lora_config(target_modules=["c1", "c2"], use_dora=True), saved)
+
+    def fwd(net, adapters):
+        def layer(name, h):
+            c = getattr(net, name)
+            w = c.weight.double()
+            bias = None if c.bias is None else c.bias.double()
+            y = F.conv2d(h, w, bias, c.stride, c.padding)
+            if name in adapters:
+                a, b, m = (t.double() for t in adapters[name])
+                scale = m / dora_conv_norm(c, a, b, scaling)
+                lora = F.conv2d(F.conv2d(h, a, None, c.stride, c.padding), b)
+                y = y + (scale - 1) * F.conv2d(h, w, None, c.stride, c.padding) + scale * lora * scaling
+            return y
+        return layer("c2", torch.relu(layer("c1", x.double())))
+
+    unmerged = fwd(net, adapters)
+    merged_net = DoraConvNet().eval()
+    merged_net.load_state_dict(net.state_dict())
+    weights = {}
+    with torch.no_grad():
+        for name, (a, b, m) in adapters.items():
+            c = getattr(merged_net, name)
+            a, b, m = a.double(), b.double(), m.double()
+            w = c.weight.double()
+            v = w + scaling * torch.mm(b.flatten(start_dim=1), a.flatten(start_dim=1)).reshape(w.shape)
+            factor = (m / dora_conv_norm(c, a, b, scaling)).view(-1, 1, 1, 1)
+            c.weight.copy_((factor * v).float())
+            weights[name + ".weight"] = c.weight
+    write_expected("dora-conv", {"x": x}, {"unmerged": unmerged, "merged": fwd(merged_net, {}), "base": fwd(net, {})}, weights)
+
+
 def main():
     conv_case()
     convnd_case(1)
     convnd_case(3)
     dora_case()
+    dora_conv_case()
     quant_case()
 
 
