@@ -72,24 +72,7 @@ that differ between modules become rank_pattern and alpha_pattern entries.
   onnxlora convert-adapter ./my-peft-adapter -o my-adapter.onnx_adapter --model model-lora-inputs.onnx
   onnxlora convert-adapter my-adapter.onnx_adapter -o ./my-peft-adapter`,
 		Args: exactArgs(1, "one PEFT_DIR or .onnx_adapter file"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Input = args[0]
-			if opts.Output == "" {
-				return usageErrorf("missing -o/--output: the .onnx_adapter file or PEFT directory to write")
-			}
-			if opts.DType != "" {
-				if _, ok := convertDTypes[opts.DType]; !ok {
-					return usageErrorf("--dtype %q: want float32, float16 or bfloat16", opts.DType)
-				}
-			}
-			if err := checkPaths(nil, convertInputs(opts), convertOutputs(opts)); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runConvertAdapter(opts)
-		},
+		RunE: runE(opts, &opts.Input, opts.validate, runF, runConvertAdapter),
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "the .onnx_adapter file (from a PEFT dir) or PEFT directory (from a file) to write")
@@ -97,6 +80,19 @@ that differ between modules become rank_pattern and alpha_pattern entries.
 	fl.StringVar(&opts.DType, "dtype", "", "element type written: float32 (default for .onnx_adapter), float16 or bfloat16")
 	fl.BoolVar(&opts.JSON, "json", false, "print the converted modules as JSON on stdout")
 	return cmd
+}
+
+// validate checks the flags before anything is read.
+func (o *ConvertAdapterOptions) validate(*cobra.Command) error {
+	if o.Output == "" {
+		return usageErrorf("missing -o/--output: the .onnx_adapter file or PEFT directory to write")
+	}
+	if o.DType != "" {
+		if _, ok := convertDTypes[o.DType]; !ok {
+			return usageErrorf("--dtype %q: want float32, float16 or bfloat16", o.DType)
+		}
+	}
+	return checkPaths(nil, convertInputs(o), convertOutputs(o))
 }
 
 // convertedModule is one module in the command's report.

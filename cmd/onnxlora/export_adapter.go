@@ -59,35 +59,7 @@ MODEL may be in either mode; an adapter-input model must have trained
   onnxlora export-adapter lora-trained.onnx -o my-adapter --base-model meta-llama/Llama-3.2-1B --task-type CAUSAL_LM`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Model = args[0]
-			if opts.Output == "" {
-				return usageErrorf("missing -o/--output: the directory to write the adapter to")
-			}
-			format, err := adapterFormat(opts.Format, opts.Output)
-			if err != nil {
-				return err
-			}
-			if opts.Format = format; format == formatOnnxAdapter {
-				if err := checkOutput(opts.Output, opts.Model); err != nil {
-					return err
-				}
-				if runF != nil {
-					return runF(opts)
-				}
-				return runExportOnnxAdapter(opts)
-			}
-			if st, err := os.Stat(opts.Output); err == nil && !st.IsDir() {
-				return usageErrorf("output %s exists and is not a directory", opts.Output)
-			}
-			if err := checkPaths(nil, []string{"the model", opts.Model}, peftFiles("-o", opts.Output)); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runExportAdapter(opts)
-		},
+		RunE:              runE(opts, &opts.Model, opts.validate, runF, runExport),
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "directory to write adapter_config.json and adapter_model.safetensors to")
@@ -101,6 +73,33 @@ MODEL may be in either mode; an adapter-input model must have trained
 	fl.StringVar(&opts.Format, "format", "", "peft (a directory) or onnx-adapter (an ONNX Runtime .onnx_adapter file); default by the output's extension")
 	_ = cmd.MarkFlagDirname("output")
 	return cmd
+}
+
+// validate checks the flags before anything is read and settles the
+// output format.
+func (o *ExportAdapterOptions) validate(*cobra.Command) error {
+	if o.Output == "" {
+		return usageErrorf("missing -o/--output: the directory to write the adapter to")
+	}
+	format, err := adapterFormat(o.Format, o.Output)
+	if err != nil {
+		return err
+	}
+	if o.Format = format; format == formatOnnxAdapter {
+		return checkOutput(o.Output, o.Model)
+	}
+	if st, err := os.Stat(o.Output); err == nil && !st.IsDir() {
+		return usageErrorf("output %s exists and is not a directory", o.Output)
+	}
+	return checkPaths(nil, []string{"the model", o.Model}, peftFiles("-o", o.Output))
+}
+
+// runExport writes the format validate settled on.
+func runExport(opts *ExportAdapterOptions) error {
+	if opts.Format == formatOnnxAdapter {
+		return runExportOnnxAdapter(opts)
+	}
+	return runExportAdapter(opts)
 }
 
 func runExportAdapter(opts *ExportAdapterOptions) error {

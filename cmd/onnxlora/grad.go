@@ -59,27 +59,7 @@ or every weight of a small model for a full fine-tune.`,
   onnxlora grad mlp.onnx -o step.onnx --loss mse --params '.*\.weight'`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Model = args[0]
-			if opts.Output == "" {
-				return usageErrorf("missing -o/--output: where to write the step graph")
-			}
-			if !isKnownLoss(opts.Loss) {
-				return usageErrorf("invalid argument %q for --loss: want %s", opts.Loss, strings.Join(autodiff.LossNames(), ", "))
-			}
-			for _, p := range opts.Params {
-				if _, err := regexp.Compile("^(?:" + p + ")$"); err != nil {
-					return usageErrorf("invalid argument %q for --params: %v", p, err)
-				}
-			}
-			if err := checkPaths(nil, []string{"the model", opts.Model}, modelOutputs("-o", opts.Output)); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runGrad(opts)
-		},
+		RunE:              runE(opts, &opts.Model, opts.validate, runF, runGrad),
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "file to write the step graph to")
@@ -108,6 +88,22 @@ type gradResult struct {
 	Model  string         `json:"model"`
 	Output string         `json:"output"`
 	Step   *autodiff.Step `json:"step"`
+}
+
+// validate checks the flags before anything is read.
+func (o *GradOptions) validate(*cobra.Command) error {
+	if o.Output == "" {
+		return usageErrorf("missing -o/--output: where to write the step graph")
+	}
+	if !isKnownLoss(o.Loss) {
+		return usageErrorf("invalid argument %q for --loss: want %s", o.Loss, strings.Join(autodiff.LossNames(), ", "))
+	}
+	for _, p := range o.Params {
+		if _, err := regexp.Compile("^(?:" + p + ")$"); err != nil {
+			return usageErrorf("invalid argument %q for --params: %v", p, err)
+		}
+	}
+	return checkPaths(nil, []string{"the model", o.Model}, modelOutputs("-o", o.Output))
 }
 
 func runGrad(opts *GradOptions) error {

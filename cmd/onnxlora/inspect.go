@@ -68,16 +68,7 @@ out, ‖A·B‖), in text or with --json.`,
   onnxlora inspect my-adapter.onnx_adapter --json`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Model = args[0]
-			if err := opts.validate(cmd); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runInspect(opts)
-		},
+		RunE:              runE(opts, &opts.Model, opts.validate, runF, runInspect),
 	}
 	fl := cmd.Flags()
 	opts.Select.register(fl, `module names a selection would adapt, e.g. q_proj,v_proj, or "all-linear"`)

@@ -85,16 +85,7 @@ fraction of the model's size.`,
   onnxlora merge serve.onnx --adapter customer-a.onnx_adapter -o customer-a.onnx`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Model = args[0]
-			if err := opts.validate(cmd); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runMerge(opts)
-		},
+		RunE:              runE(opts, &opts.Model, opts.validate, runF, runMerge),
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "file to write the merged model to")

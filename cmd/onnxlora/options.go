@@ -56,6 +56,22 @@ func noArgs(cmd *cobra.Command, args []string) error {
 	return nil
 }
 
+// runE is the RunE of a command with one positional argument: it stores
+// the argument in *arg, checks the flags with validate (usage errors, before
+// any file is read), then runs runF when a test gave one, else run.
+func runE[T any](opts *T, arg *string, validate func(*cobra.Command) error, runF, run func(*T) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		*arg = args[0]
+		if err := validate(cmd); err != nil {
+			return err
+		}
+		if runF != nil {
+			return runF(opts)
+		}
+		return run(opts)
+	}
+}
+
 // onnxFileCompletion completes positional arguments with .onnx files.
 func onnxFileCompletion(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
 	return []string{"onnx"}, cobra.ShellCompDirectiveFilterFileExt

@@ -62,16 +62,7 @@ singular values first.`,
   onnxlora resize ./my-adapter --rank 8 --alpha 16 -o ./my-adapter-r8`,
 		Args:              exactArgs(1, "one MODEL or ADAPTER_DIR"),
 		ValidArgsFunction: onnxFileCompletion,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Input = args[0]
-			if err := opts.validate(cmd); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runResize(opts)
-		},
+		RunE:              runE(opts, &opts.Input, opts.validate, runF, runResize),
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Output, "output", "o", "", "model file (for a MODEL) or directory (for an ADAPTER_DIR) to write")

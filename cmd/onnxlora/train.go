@@ -76,16 +76,7 @@ from it.`,
   onnxlora train clf-lora.onnx --data rows.jsonl --loss cross-entropy -o trained.onnx --json`,
 		Args:              exactArgs(1, "one MODEL"),
 		ValidArgsFunction: onnxFileCompletion,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			opts.Model = args[0]
-			if err := opts.validate(cmd); err != nil {
-				return err
-			}
-			if runF != nil {
-				return runF(opts)
-			}
-			return runTrain(opts)
-		},
+		RunE:              runE(opts, &opts.Model, opts.validate, runF, runTrain),
 	}
 	c := &opts.Config
 	fl := cmd.Flags()
