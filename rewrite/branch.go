@@ -89,6 +89,8 @@ type branchNode struct {
 	// BaseAttrs are attributes build copies from the layer node when it
 	// has them (a Conv's strides and pads); the kind checks them on a match.
 	BaseAttrs []string
+	// Doc is the node's doc_string (doraDetach: no gradient through it).
+	Doc string
 	// When says whether the node is there; when it is not, its output is
 	// its first input.
 	When presence

@@ -152,10 +152,14 @@ func (k *branchKind) build(bb branchBuilder) (*builtBranch, error) {
 		}
 		values[spec.Name] = o
 		out.Specs = append(out.Specs, i)
-		out.Nodes = append(out.Nodes, &onnxpb.NodeProto{
+		node := &onnxpb.NodeProto{
 			Name: proto.String(name), OpType: proto.String(spec.Op),
 			Input: inputs, Output: []string{o}, Attribute: attrs,
-		})
+		}
+		if spec.Doc != "" {
+			node.DocString = proto.String(spec.Doc)
+		}
+		out.Nodes = append(out.Nodes, node)
 	}
 	return out, nil
 }

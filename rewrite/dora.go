@@ -24,8 +24,13 @@ import (
 // Merge writes W' = (m/‖W + scaling·ΔW‖) · (W + scaling·ΔW) per output
 // feature, as PEFT's DoRA merge does; the bias is unchanged.
 //
-// PEFT detaches ‖V‖ from the gradient (DoRA paper §4.3). ONNX has no
-// stop-gradient op, so a step graph differentiates through the norm too.
+// PEFT detaches ‖V‖ from the gradient (DoRA paper §4.3): the Sqrt_norm
+// node carries doraDetach as its doc_string, which autodiff treats as
+// torch's detach().
+
+// doraDetach is autodiff.DetachMarker (rewrite cannot import autodiff,
+// whose tests import rewrite; a test checks they agree).
+const doraDetach = "onnxlora:detach"
 
 // doraNodes builds one DoRA description: bias for a Gemm with C (the
 // branch takes C off the base's output and adds it back), transB for a
@@ -43,7 +48,7 @@ func doraNodes(bias, transB bool) []branchNode {
 			branchNode{Name: "MatMul_norm2", Op: "MatMul", In: []operand{nodeOut("Pow_V"), paramIn("ones")}},
 			branchNode{Name: "Transpose_norm2", Op: "Transpose", In: []operand{nodeOut("MatMul_norm2")},
 				Attrs: []*onnxpb.AttributeProto{intsAttr("perm", 1, 0)}},
-			branchNode{Name: "Sqrt_norm", Op: "Sqrt", In: []operand{nodeOut("Transpose_norm2")}},
+			branchNode{Name: "Sqrt_norm", Op: "Sqrt", In: []operand{nodeOut("Transpose_norm2")}, Doc: doraDetach},
 		)
 	} else {
 		// V = W + S·A·B, [in, out]; ‖V‖ over in, as a [1, out] row.
@@ -53,7 +58,7 @@ func doraNodes(bias, transB bool) []branchNode {
 			branchNode{Name: "Add_V", Op: "Add", In: []operand{paramIn("W"), nodeOut("Mul_AB_scaling")}, Commutes: true},
 			branchNode{Name: "Pow_V", Op: "Pow", In: []operand{nodeOut("Add_V"), paramIn("two")}},
 			branchNode{Name: "MatMul_norm2", Op: "MatMul", In: []operand{paramIn("ones"), nodeOut("Pow_V")}},
-			branchNode{Name: "Sqrt_norm", Op: "Sqrt", In: []operand{nodeOut("MatMul_norm2")}},
+			branchNode{Name: "Sqrt_norm", Op: "Sqrt", In: []operand{nodeOut("MatMul_norm2")}, Doc: doraDetach},
 		)
 	}
 	nodes = append(nodes,

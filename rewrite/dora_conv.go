@@ -35,7 +35,7 @@ func doraConvKindOf(bias bool, dims int) *branchKind {
 		{Name: "Pow_V", Op: "Pow", In: []operand{nodeOut("Add_V"), paramIn("two")}},
 		{Name: "Conv_norm2", Op: opConv, In: []operand{nodeOut("Pow_V"), paramIn("ones")}},
 		{Name: "Transpose_norm2", Op: "Transpose", In: []operand{nodeOut("Conv_norm2")}, Attrs: p()},
-		{Name: "Sqrt_norm", Op: "Sqrt", In: []operand{nodeOut("Transpose_norm2")}},
+		{Name: "Sqrt_norm", Op: "Sqrt", In: []operand{nodeOut("Transpose_norm2")}, Doc: doraDetach},
 		{Name: "Div_magnitude", Op: "Div", In: []operand{paramIn("M"), nodeOut("Sqrt_norm")}},
 		{Name: "Conv_A", Op: opConv, In: []operand{theLayerInput, paramIn("A")}, BaseAttrs: convBaseAttrs},
 		{Name: "Conv_B", Op: opConv, In: []operand{nodeOut("Conv_A"), paramIn("B")}, Shape: shapeLayerOut},

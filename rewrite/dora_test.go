@@ -11,6 +11,7 @@ import (
 	"github.com/onnxlora/onnxlora/autodiff"
 	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/ortrun"
 	"github.com/onnxlora/onnxlora/ortrun/orttest"
 )
 
@@ -151,6 +152,9 @@ func TestDoRAInORT(t *testing.T) {
 func checkWeights(t *testing.T, m *graph.Model, e vbExpected) {
 	t.Helper()
 	for name, w := range e.Weights {
+		if !strings.HasSuffix(name, ".weight") {
+			continue // gradients
+		}
 		tp, _ := m.Graph().Initializer(name)
 		if tp == nil {
 			t.Fatalf("merged model has no %s", name)
@@ -263,10 +267,15 @@ func TestDoRADirMissingMagnitude(t *testing.T) {
 	}
 }
 
-// TestDoRAStepGraph: autodiff has a rule for every op of the DoRA and
-// Conv branches, so train can build a step graph with the magnitude
-// among the parameters.
+// TestDoRAStepGraph: the norm is detached as PEFT detaches it, so the step
+// graph autodiff builds gives PEFT's gradients of mean(y²) for A, B and
+// the magnitude (torch, float64, in the fixture) within 1e-5.
 func TestDoRAStepGraph(t *testing.T) {
+	if doraDetach != autodiff.DetachMarker {
+		t.Fatalf("doraDetach %q, autodiff's marker %q", doraDetach, autodiff.DetachMarker)
+	}
+	orttest.Require(t)
+	e := readVB(t, "dora")
 	m := doraInjected(t)
 	man, _ := ReadManifest(m)
 	step, err := autodiff.Build(m, autodiff.Options{Loss: "mse", Params: man.Trainable})
@@ -274,7 +283,31 @@ func TestDoRAStepGraph(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(step.Params) != 6 {
-		t.Errorf("%d params, want A, B and the magnitude of two layers", len(step.Params))
+		t.Fatalf("%d params, want A, B and the magnitude of two layers", len(step.Params))
+	}
+	path := mgSaveModel(t, m, filepath.Join(t.TempDir(), "step.onnx"))
+	labels, err := ortrun.FromFloat64(step.Labels, ortrun.Float32, []int64{5, 8}, make([]float64, 40))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := runModel(t, path, append(e.inputs(t), labels))
+	for _, a := range man.Adapters {
+		in, out, r := int(a.InFeatures), int(a.OutFeatures), a.Rank
+		for _, c := range []struct {
+			param string
+			want  []float64
+		}{
+			{a.LoraA, transposeF64(e.Weights[a.Module+".grad_A"].Data, r, in)},
+			{a.LoraB, transposeF64(e.Weights[a.Module+".grad_B"].Data, out, r)},
+			{a.Magnitude, e.Weights[a.Module+".grad_m"].Data},
+		} {
+			g := got[c.param+"_grad"]
+			if rel := vtRel(t, map[string][]float64{"g": g}, map[string][]float64{"g": c.want}); rel > 1e-5 {
+				t.Errorf("gradient of %s vs PEFT's (detached norm): rel %g", c.param, rel)
+			} else {
+				t.Logf("gradient of %s vs PEFT's: rel %.2g", c.param, rel)
+			}
+		}
 	}
 }
 

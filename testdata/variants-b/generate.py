@@ -316,6 +316,21 @@ def dora_case():
             weights[name + ".weight"] = lin.weight
     merged = dora_forward(merged_net, x, {}, scaling)
     base = dora_forward(net, x, {}, scaling)
+    # PEFT's gradients of mean(y^2) with ||V|| detached, in float64.
+    leaves = {k: tuple(t.detach().double().clone().requires_grad_(True) for t in v) for k, v in adapters.items()}
+    def dora_train_forward():
+        def layer(name, h):
+            lin = getattr(net, name)
+            w = lin.weight.double()
+            bias = None if lin.bias is None else lin.bias.double()
+            a, b, m = leaves[name]
+            norm = torch.linalg.norm(w + scaling * (b @ a), dim=1).detach()
+            scale = (m / norm).view(1, -1)
+            return F.linear(h, w, bias) + (scale - 1) * F.linear(h, w) + scale * F.linear(F.linear(h, a), b) * scaling
+        return layer("fc2", torch.relu(layer("fc1", x.double())))
+    (dora_train_forward() ** 2).mean().backward()
+    for name, (a, b, m) in leaves.items():
+        weights[name + ".grad_A"], weights[name + ".grad_B"], weights[name + ".grad_m"] = a.grad, b.grad, m.grad
     write_expected("dora", {"x": x}, {"unmerged": unmerged, "merged": merged, "base": base}, weights)
 
 
