@@ -337,7 +337,7 @@ func TestConvNdInORT(t *testing.T) {
 			ins := e.inputs(t)
 			dir := t.TempDir()
 			m := loadModel(t, variantsB(c+".onnx"))
-			inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"c"}, Rank: 4, Alpha: 8}, AllowLargeRank: true})
+			inj, err := Inject(m, InjectConfig{SelectOptions: SelectOptions{Targets: []string{"c"}, Rank: 4, Alpha: 8}, AllowLargeRank: true}) // conv3d has 3 output channels
 			if err != nil {
 				t.Fatal(err)
 			}

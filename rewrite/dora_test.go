@@ -321,7 +321,7 @@ func TestDoRAConvInORT(t *testing.T) {
 	e := readVB(t, "dora-conv")
 	ins := e.inputs(t)
 	dir := t.TempDir()
-	cfg := InjectConfig{SelectOptions: SelectOptions{Targets: []string{"c1", "c2"}, Rank: 4, Alpha: 8}, DoRA: true, AllowLargeRank: true}
+	cfg := InjectConfig{SelectOptions: SelectOptions{Targets: []string{"c1", "c2"}, Rank: 4, Alpha: 8}, DoRA: true}
 	m0 := loadModel(t, variantsB("dora-conv.onnx"))
 	if _, err := Inject(m0, cfg); err != nil {
 		t.Fatal(err)

@@ -8,7 +8,7 @@ import (
 
 // checkRanks refuses ranks the selected layers cannot use or the machine
 // cannot hold, before anything is allocated. A rank above min(in, out) of
-// a layer gives an update no more expressive, only larger; PEFT allows it,
+// a layer (in·kernel for a Conv) gives an update no more expressive, only larger; PEFT allows it,
 // and a broad selection (all-linear beside a 2-class head) meets it
 // naturally, so it is refused only when it holds for every selected layer
 // (a mistyped rank) unless allowLarge. The adapters A [in, r] and B [r, out]
@@ -21,7 +21,8 @@ func checkRanks(layers []*Layer, sel []Selection, allowLarge bool) error {
 		if s.Rank <= 0 {
 			return fmt.Errorf("module %s: rank must be positive, got %d", l.Module, s.Rank)
 		}
-		lim := min(l.In, l.Out)
+		// A Conv's update is [out, in·kernel]: PEFT's bound.
+		lim := min(l.In*max(l.KernelSize(), 1), l.Out)
 		widest = max(widest, lim)
 		if int64(s.Rank) > lim {
 			above++
