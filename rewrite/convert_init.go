@@ -56,15 +56,7 @@ func CheckPlainExport(m *graph.Model, only []string) error {
 // initial is the model as injected (step 0: an .onnx file with the same
 // modules) or a PEFT adapter directory saved at step 0.
 func ExportPEFTConverted(m *graph.Model, initial, dir string, opts ExportOptions) (*ExportReport, error) {
-	top := m.Graph()
-	found, _, source, err := findAdapters(m, top)
-	if err != nil {
-		return nil, err
-	}
-	if len(found) == 0 {
-		return nil, errors.New("the model has no LoRA adapters to export (no manifest and no branch of the shape inject writes)")
-	}
-	sel, err := selectModules(found, opts.Only)
+	picked, source, err := exportable(m, opts.Only)
 	if err != nil {
 		return nil, err
 	}
@@ -75,10 +67,7 @@ func ExportPEFTConverted(m *graph.Model, initial, dir string, opts ExportOptions
 	rep := &ExportReport{Source: source}
 	var chosen []*foundAdapter
 	var mods []export.PEFTModule
-	for _, f := range found {
-		if !sel[f.Module] {
-			continue
-		}
+	for _, f := range picked {
 		mod, err := peftModule(m, f)
 		if err != nil {
 			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)

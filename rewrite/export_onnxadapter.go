@@ -1,7 +1,6 @@
 package rewrite
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/onnxlora/onnxlora/export"
@@ -19,24 +18,13 @@ import (
 // trained (rank > 0). opts.Only restricts the modules; BaseModel and
 // TaskType do not apply.
 func ExportOnnxAdapter(m *graph.Model, opts ExportOptions) (*export.OnnxAdapter, *ExportReport, error) {
-	top := m.Graph()
-	found, _, source, err := findAdapters(m, top)
-	if err != nil {
-		return nil, nil, err
-	}
-	if len(found) == 0 {
-		return nil, nil, errors.New("the model has no LoRA adapters to export (no manifest and no branch of the shape inject writes)")
-	}
-	sel, err := selectModules(found, opts.Only)
+	chosen, source, err := exportable(m, opts.Only)
 	if err != nil {
 		return nil, nil, err
 	}
 	out := &export.OnnxAdapter{FormatVersion: export.OnnxAdapterFormatVersion}
 	rep := &ExportReport{Source: source}
-	for _, f := range found {
-		if !sel[f.Module] {
-			continue
-		}
+	for _, f := range chosen {
 		if f.isInputs() && f.Rank == 0 {
 			return nil, nil, fmt.Errorf("adapter %s: inputs %s and %s hold rank-0 defaults, so there is nothing to export; adapters for an adapter-input model come from convert-adapter or from exporting a trained model", f.Module, f.A, f.B)
 		}

@@ -55,23 +55,9 @@ type ExportReport struct {
 // paths otherwise. Adapters mixing rsLoRA and plain scaling cannot be
 // described by one config and are refused.
 func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, error) {
-	top := m.Graph()
-	found, _, source, err := findAdapters(m, top)
+	chosen, source, err := exportable(m, opts.Only)
 	if err != nil {
 		return nil, err
-	}
-	if len(found) == 0 {
-		return nil, errors.New("the model has no LoRA adapters to export (no manifest and no branch of the shape inject writes)")
-	}
-	sel, err := selectModules(found, opts.Only)
-	if err != nil {
-		return nil, err
-	}
-	var chosen []*foundAdapter
-	for _, f := range found {
-		if sel[f.Module] {
-			chosen = append(chosen, f)
-		}
 	}
 	rep := &ExportReport{Source: source}
 	mods := make([]export.PEFTModule, 0, len(chosen))
@@ -119,6 +105,29 @@ func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, 
 	}
 	rep.Config = cfg
 	return rep, nil
+}
+
+// exportable finds the model's adapters and returns those only selects
+// (all by default), in graph order; none at all is an error.
+func exportable(m *graph.Model, only []string) ([]*foundAdapter, string, error) {
+	found, _, source, err := findAdapters(m, m.Graph())
+	if err != nil {
+		return nil, "", err
+	}
+	if len(found) == 0 {
+		return nil, "", errors.New("the model has no LoRA adapters to export (no manifest and no branch of the shape inject writes)")
+	}
+	sel, err := selectModules(found, only)
+	if err != nil {
+		return nil, "", err
+	}
+	var chosen []*foundAdapter
+	for _, f := range found {
+		if sel[f.Module] {
+			chosen = append(chosen, f)
+		}
+	}
+	return chosen, source, nil
 }
 
 // isConv1D reports whether a layer is an export of transformers' Conv1D
