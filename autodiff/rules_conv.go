@@ -12,8 +12,9 @@ func init() {
 	register("Conv", &rule{grad: convGrad})
 }
 
-// convGrad differentiates Conv (groups 1, explicit or VALID padding) for
-// any spatial rank, with ops Conv and ConvTranspose themselves:
+// convGrad differentiates Conv (explicit or VALID padding; grouped Convs
+// for their input only, as a frozen depthwise layer needs) for any
+// spatial rank, with ops Conv and ConvTranspose themselves:
 //   - x: ConvTranspose(gy, W) with the forward's strides, pads and
 //     dilations and the largest output_padding (stride - 1), sliced to x's
 //     spatial size read at run time (the extra rows are positions no output
@@ -24,8 +25,9 @@ func init() {
 //   - bias: gy summed over batch and space.
 func convGrad(c *ctx) error {
 	x, w, gy := c.x(0), c.x(1), c.gy[0]
-	if g := graph.AttrInt(c.n, "group", 1); g != 1 {
-		return fmt.Errorf("the gradient of a grouped Conv (group %d) is not supported", g)
+	group := graph.AttrInt(c.n, "group", 1)
+	if group != 1 && c.need[1] {
+		return fmt.Errorf("the kernel gradient of a grouped Conv (group %d) is not supported (its input's is)", group)
 	}
 	switch pad := string(graph.Attr(c.n, "auto_pad").GetS()); pad {
 	case "", "NOTSET", "VALID":
@@ -75,8 +77,10 @@ func convGrad(c *ctx) error {
 		for i, s := range strides {
 			outPad[i] = s - 1
 		}
+		// W [out, in/group, k…] is ConvTranspose's [in', out'/group, k…].
 		full := c.op("ConvTranspose", []string{gy, w}, intsAttr("strides", strides...), intsAttr("dilations", dil...),
-			intsAttr("pads", pads...), intsAttr("output_padding", outPad...), intsAttr("kernel_shape", kernel...))
+			intsAttr("pads", pads...), intsAttr("output_padding", outPad...), intsAttr("kernel_shape", kernel...),
+			intAttr("group", group))
 		ends := c.slice1(c.shape(x), c.ints(2), c.ints(math.MaxInt64), 0)
 		c.set(0, c.op("Slice", []string{full, c.ints(ones(0)...), ends, c.ints(spatial...)}))
 	}

@@ -154,6 +154,10 @@ func TestConvRule(t *testing.T) {
 		{name: "Conv/1x1", op: "Conv", dt: graph.Float, args: []arg{f(2, 4, 3, 3), f(5, 4, 1, 1)}},
 		{name: "Conv/1d-stride3", op: "Conv", dt: graph.Float, attrs: attrs("strides", []int64{3}, "pads", []int64{1, 0}),
 			args: []arg{f(2, 2, 8), f(3, 2, 3), f(3)}},
+		{name: "Conv/depthwise-input", op: "Conv", dt: graph.Float, attrs: append(attrs("pads", []int64{1, 1, 1, 1}), intAttr("group", 3)),
+			args: []arg{f(2, 3, 4, 4), {dims: []int64{3, 1, 3, 3}, fixed: true}}},
+		{name: "Conv/grouped-input", op: "Conv", dt: graph.Float, attrs: append(attrs("strides", []int64{2, 1}), intAttr("group", 2)),
+			args: []arg{f(1, 4, 5, 3), {dims: []int64{6, 2, 2, 2}, fixed: true}}},
 		{name: "Conv/3d", op: "Conv", dt: graph.Float, attrs: attrs("pads", []int64{1, 0, 0, 1, 0, 0}),
 			args: []arg{f(1, 2, 3, 3, 3), f(2, 2, 2, 2, 2)}},
 	})
