@@ -9,6 +9,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -151,7 +152,7 @@ func flatten(v any, depth int, out *[]float64) ([]int64, error) {
 			}
 			if i == 0 {
 				inner = s
-			} else if !equalDims(s, inner) {
+			} else if !slices.Equal(s, inner) {
 				return nil, fmt.Errorf("ragged array: element %d has shape %v, element 0 has %v", i, dimsString(s), dimsString(inner))
 			}
 		}
@@ -172,18 +173,6 @@ func jsonKind(v any) string {
 		return "an object"
 	}
 	return fmt.Sprintf("%T", v)
-}
-
-func equalDims(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func dimsString(d []int64) string {
@@ -306,10 +295,10 @@ func (d *Dataset) Validate(s *BatchSpec) error {
 			// have the same shape on every row.
 			fv := first.Fields[k]
 			if padded(in, v) {
-				if !equalDims(v.Shape[1:], fv.Shape[1:]) {
+				if !slices.Equal(v.Shape[1:], fv.Shape[1:]) {
 					return fmt.Errorf("%s: %q has shape %v but line %d has %v", where, k, dimsString(v.Shape), first.Line, dimsString(fv.Shape))
 				}
-			} else if !equalDims(v.Shape, fv.Shape) {
+			} else if !slices.Equal(v.Shape, fv.Shape) {
 				return fmt.Errorf("%s: %q has shape %v but line %d has %v (only integer sequences are padded)", where, k, dimsString(v.Shape), first.Line, dimsString(fv.Shape))
 			}
 		}

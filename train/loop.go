@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"time"
 )
 
@@ -245,7 +246,7 @@ func (t *Trainer) Resume(c *Checkpoint) error {
 	}
 	for _, p := range t.Params {
 		q := byName[p.Name]
-		if q == nil || !equalDims(q.Dims, p.Dims) || len(q.Value) != len(p.Value) {
+		if q == nil || !slices.Equal(q.Dims, p.Dims) || len(q.Value) != len(p.Value) {
 			return fmt.Errorf("checkpoint does not hold %s with shape %s", p.Name, dimsString(p.Dims))
 		}
 	}
