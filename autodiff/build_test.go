@@ -179,7 +179,7 @@ func TestStepGraphAnyBatchShape(t *testing.T) {
 	for i := range one {
 		a, _ := one[i].Float64s()
 		b, _ := two[i].Float64s()
-		if rel := relErr(b, a); rel > 1e-5 || math.IsNaN(rel) {
+		if rel := testutil.RelErr(b, a); rel > 1e-5 || math.IsNaN(rel) {
 			t.Errorf("output %d: two identical rows differ from one row by %.3g", i, rel)
 		}
 	}
@@ -247,7 +247,7 @@ func TestFloat16Model(t *testing.T) {
 	worst := 0.0
 	for name, want := range grads["tiny-gpt.onnx"] {
 		got := grads["tiny-gpt-fp16.onnx"][name]
-		rel := relErr(got, want)
+		rel := testutil.RelErr(got, want)
 		if rel > 2e-2 || math.IsNaN(rel) {
 			t.Errorf("%s: fp16 model differs from fp32 by %.3g", name, rel)
 		}

@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -89,7 +90,7 @@ func runGradCase(t *testing.T, file string) {
 		if tp == nil {
 			t.Fatalf("parameter %q is not an initializer of the model", name)
 		}
-		if graph.DataType(tp.GetDataType()) != graph.Float || !equalDims(tp.Dims, v.Shape) {
+		if graph.DataType(tp.GetDataType()) != graph.Float || !slices.Equal(tp.Dims, v.Shape) {
 			t.Fatalf("parameter %q: model has %s %v, case %s %v", name, graph.DataType(tp.GetDataType()), tp.Dims, v.DType, v.Shape)
 		}
 		raw := make([]byte, 4*len(v.Data))
@@ -136,39 +137,11 @@ func runGradCase(t *testing.T, file string) {
 			t.Fatalf("no reference gradient for %q", p.Name)
 		}
 		got, _ := outs[i+1].Float64s()
-		rel := relErr(got, want.Data)
+		rel := testutil.RelErr(got, want.Data)
 		worst = math.Max(worst, rel)
 		if rel > 1e-4 {
 			t.Errorf("%s: gradient rel error %.3g", p.Name, rel)
 		}
 	}
 	t.Logf("loss %.7g (torch %.7g); %d gradients, worst rel error %.2g", loss[0], c.Expected.Loss, len(step.Params), worst)
-}
-
-// relErr is ‖got - want‖ / ‖want‖.
-func relErr(got, want []float64) float64 {
-	if len(got) != len(want) {
-		return math.Inf(1)
-	}
-	var d, n float64
-	for i := range got {
-		d += (got[i] - want[i]) * (got[i] - want[i])
-		n += want[i] * want[i]
-	}
-	if n == 0 {
-		return math.Sqrt(d)
-	}
-	return math.Sqrt(d / n)
-}
-
-func equalDims(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

@@ -2,42 +2,19 @@ package export
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"math"
-	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/testutil"
 )
 
-// convExpected is one module of peft_expected.json: generate.py's numpy
-// conversion of a PEFT dir to ONNX Runtime's layout.
-type convExpected struct {
-	Module   string    `json:"module"`
-	Rank     int       `json:"rank"`
-	Alpha    float64   `json:"alpha"`
-	Scaling  float64   `json:"scaling"`
-	ADims    []int64   `json:"A_dims"`
-	BDims    []int64   `json:"B_dims"`
-	AF32     []float64 `json:"A_f32"`
-	BF32     []float64 `json:"B_f32"`
-	AF16Bits []uint16  `json:"A_f16_bits"`
-	BF16Bits []uint16  `json:"B_f16_bits"`
-}
-
-func readConvExpected(t *testing.T) map[string][]convExpected {
+func readConvExpected(t *testing.T) map[string][]testutil.PEFTConversion {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(adaptersDir, "peft_expected.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var want map[string][]convExpected
-	if err := json.Unmarshal(raw, &want); err != nil {
-		t.Fatal(err)
-	}
+	want := testutil.PEFTConversions(t)
 	if len(want) != 2 {
 		t.Fatalf("peft_expected.json has %d dirs", len(want))
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/testutil"
 	"github.com/onnxlora/onnxlora/ortrun"
 	"github.com/onnxlora/onnxlora/ortrun/orttest"
 )
@@ -19,33 +20,8 @@ import (
 // adaptersTestdata holds testdata/adapters/generate.py's outputs.
 const adaptersTestdata = "../../testdata/adapters"
 
-// peftConversion is one module of peft_expected.json (numpy's conversion).
-type peftConversion struct {
-	Module   string    `json:"module"`
-	Scaling  float64   `json:"scaling"`
-	ADims    []int64   `json:"A_dims"`
-	BDims    []int64   `json:"B_dims"`
-	AF32     []float64 `json:"A_f32"`
-	BF32     []float64 `json:"B_f32"`
-	AF16Bits []uint16  `json:"A_f16_bits"`
-	BF16Bits []uint16  `json:"B_f16_bits"`
-}
-
-func readPEFTConversions(t *testing.T) map[string][]peftConversion {
-	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(adaptersTestdata, "peft_expected.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m map[string][]peftConversion
-	if err := json.Unmarshal(raw, &m); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
 func TestConvertAdapterFromPEFT(t *testing.T) {
-	for dir, want := range readPEFTConversions(t) {
+	for dir, want := range testutil.PEFTConversions(t) {
 		for _, dt := range []string{"", "float16"} {
 			out := filepath.Join(t.TempDir(), "a.onnx_adapter")
 			args := []string{"convert-adapter", filepath.Join(adaptersTestdata, dir), "-o", out}
@@ -128,7 +104,7 @@ func TestConvertAdapterServesInORT(t *testing.T) {
 			t.Fatal(err)
 		}
 		scaling := map[string]float64{}
-		for _, c := range readPEFTConversions(t)[dir] {
+		for _, c := range testutil.PEFTConversions(t)[dir] {
 			scaling[c.Module] = c.Scaling
 		}
 		cur, curW := x, width

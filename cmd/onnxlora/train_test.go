@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/onnxlora/onnxlora/graph"
+	"github.com/onnxlora/onnxlora/internal/testutil"
 	"github.com/onnxlora/onnxlora/ortrun/orttest"
 	"github.com/onnxlora/onnxlora/train"
 )
@@ -179,19 +180,6 @@ func readRecords(t *testing.T, stdout string) (steps, evals []train.Record) {
 	return steps, evals
 }
 
-// relErr is ‖got-want‖/‖want‖.
-func relErr(got, want []float64) float64 {
-	var d, n float64
-	for i := range want {
-		d += (got[i] - want[i]) * (got[i] - want[i])
-		n += want[i] * want[i]
-	}
-	if n == 0 {
-		return math.Sqrt(d)
-	}
-	return math.Sqrt(d / n)
-}
-
 func TestTrainMatchesTorch(t *testing.T) {
 	orttest.Require(t)
 	for _, name := range []string{
@@ -239,7 +227,7 @@ func TestTrainMatchesTorch(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				e := relErr(got, want.Data)
+				e := testutil.RelErr(got, want.Data)
 				worst = math.Max(worst, e)
 				if e > tol {
 					t.Errorf("%s: relative error %.3g against torch, want <= %g", n, e, tol)
