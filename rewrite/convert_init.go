@@ -90,12 +90,7 @@ func ExportPEFTConverted(m *graph.Model, initial, dir string, opts ExportOptions
 		chosen = append(chosen, &c)
 		rep.Modules = append(rep.Modules, f.Module)
 	}
-	layers, _ := FindLayers(m)
-	all := make([]string, 0, len(layers))
-	for _, l := range layers {
-		all = append(all, l.Module)
-	}
-	cfg, err := peftConfig(chosen, all, opts)
+	cfg, err := peftConfig(m, chosen, opts)
 	if err != nil {
 		return nil, err
 	}

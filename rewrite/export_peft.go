@@ -69,12 +69,7 @@ func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, 
 		mods = append(mods, mod)
 		rep.Modules = append(rep.Modules, f.Module)
 	}
-	layers, _ := FindLayers(m)
-	all := make([]string, 0, len(layers))
-	for _, l := range layers {
-		all = append(all, l.Module)
-	}
-	cfg, err := peftConfig(chosen, all, opts)
+	cfg, err := peftConfig(m, chosen, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -194,8 +189,14 @@ func peftModule(m *graph.Model, f *foundAdapter) (export.PEFTModule, error) {
 	return mod, attachMagnitude(m, f, &mod)
 }
 
-// peftConfig builds the adapter_config.json describing the adapters.
-func peftConfig(found []*foundAdapter, allLayers []string, opts ExportOptions) (*export.PEFTConfig, error) {
+// peftConfig builds the adapter_config.json describing the adapters found
+// in m (target_modules and the patterns are judged against all its layers).
+func peftConfig(m *graph.Model, found []*foundAdapter, opts ExportOptions) (*export.PEFTConfig, error) {
+	layers, _ := FindLayers(m)
+	allLayers := make([]string, 0, len(layers))
+	for _, l := range layers {
+		allLayers = append(allLayers, l.Module)
+	}
 	rslora := found[0].RSLoRA
 	for _, f := range found {
 		if f.RSLoRA != rslora {
