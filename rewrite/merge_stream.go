@@ -76,31 +76,44 @@ func (p *plan) sources(refs map[*onnxpb.TensorProto]*graph.ExternalRef) (map[*up
 	return sources, nil
 }
 
+// openStream is how both streamed saves start: it settles the save
+// options, refuses outputs that are inputs, captures where every tensor is
+// read from and opens the writer (both before the graph changes), and finds
+// each update's base values. The caller must Abort the writer.
+func (p *plan) openStream(path string, opts graph.SaveOptions) (graph.SaveOptions, map[*onnxpb.TensorProto]*graph.ExternalRef, *graph.PairWriter, map[*update]streamSource, error) {
+	opts, dataPath, err := opts.WithDefaults(path)
+	if err != nil {
+		return opts, nil, nil, nil, err
+	}
+	if err := p.m.CheckOutputs(path, dataPath); err != nil {
+		return opts, nil, nil, nil, err
+	}
+	refs, err := p.inputRefs()
+	if err != nil {
+		return opts, nil, nil, nil, err
+	}
+	pw, err := p.m.NewPairWriter(path, opts.DataFile)
+	if err != nil {
+		return opts, nil, nil, nil, err
+	}
+	sources, err := p.sources(refs)
+	if err != nil {
+		pw.Abort()
+		return opts, nil, nil, nil, err
+	}
+	return opts, refs, pw, sources, nil
+}
+
 // streamInline writes a model without external data: the serialized graph
 // and the unchanged weights first (copied from the input file), then the
 // merged weights computed chunk by chunk into their places in the output,
 // so no weight is held whole in memory.
 func (p *plan) streamInline(path string, opts graph.SaveOptions) (*MergeReport, error) {
-	opts, dataPath, err := opts.WithDefaults(path)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.m.CheckOutputs(path, dataPath); err != nil {
-		return nil, err
-	}
-	refs, err := p.inputRefs()
-	if err != nil {
-		return nil, err
-	}
-	pw, err := p.m.NewPairWriter(path, opts.DataFile)
+	_, _, pw, sources, err := p.openStream(path, opts)
 	if err != nil {
 		return nil, err
 	}
 	defer pw.Abort()
-	sources, err := p.sources(refs)
-	if err != nil {
-		return nil, err
-	}
 	if err := p.commitGraph(); err != nil {
 		return nil, err
 	}
@@ -185,30 +198,12 @@ type streamSource struct {
 // external or has at least Threshold bytes goes to one data file, each at
 // an offset aligned to Align.
 func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, err error) {
-	opts, dataPath, err := opts.WithDefaults(path)
-	if err != nil {
-		return nil, err
-	}
-
-	// Where everything is read from, captured before the graph changes.
-	refs, err := p.inputRefs()
-	if err != nil {
-		return nil, err
-	}
-	var rerr error
-	if err := p.m.CheckOutputs(path, dataPath); err != nil {
-		return nil, err
-	}
-	// The writer learns the inputs now, before the graph changes.
-	pw, err := p.m.NewPairWriter(path, opts.DataFile)
+	opts, refs, pw, sources, err := p.openStream(path, opts)
 	if err != nil {
 		return nil, err
 	}
 	defer pw.Abort()
-	sources, err := p.sources(refs)
-	if err != nil {
-		return nil, err
-	}
+	var rerr error
 	// Inline raw_data Load left in the model file is copied from there.
 	inl := map[*onnxpb.TensorProto]*graph.ExternalRef{}
 	var all []*onnxpb.TensorProto
