@@ -163,12 +163,9 @@ func (m *Model) saveInline(path string, opts SaveOptions) error {
 	}
 	// Laid out with the inline weights Load left in the input copied
 	// file to file (inline.go).
-	layout, err := m.LayoutProto(nil)
+	layout, err := m.layoutFor(path, "the model is %d bytes, more than a protobuf can hold; save with external data")
 	if err != nil {
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	if layout.Size > maxProtoSize {
-		return fmt.Errorf("%s: the model is %d bytes, more than a protobuf can hold; save with external data", path, layout.Size)
+		return err
 	}
 	// Through the pair writer, without data, so that the data file of an
 	// earlier output at path goes too.
@@ -248,12 +245,9 @@ func (m *Model) saveExternal(path string, opts SaveOptions) (err error) {
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	layout, err := m.LayoutProto(nil)
+	layout, err := m.layoutFor(path, "the model's graph alone is %d bytes, more than a protobuf can hold")
 	if err != nil {
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	if layout.Size > maxProtoSize {
-		return fmt.Errorf("%s: the model's graph alone is %d bytes, more than a protobuf can hold", path, layout.Size)
+		return err
 	}
 	return pw.CommitWith(layout.WriteTo, len(saved) > 0)
 }
@@ -319,4 +313,17 @@ func restore(states []tensorState) {
 		t.DoubleData, t.Uint64Data, t.ExternalData, t.DataLocation = s.doubles, s.uint64s, s.externalData, s.location
 		t.ProtoReflect().SetUnknown(s.unknown)
 	}
+}
+
+// layoutFor is LayoutProto for a save to path, refusing a layout past
+// protobuf's size limit with tooBig (which has a %d for the size).
+func (m *Model) layoutFor(path, tooBig string) (*ProtoLayout, error) {
+	layout, err := m.LayoutProto(nil)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if layout.Size > maxProtoSize {
+		return nil, fmt.Errorf("%s: "+tooBig, path, layout.Size)
+	}
+	return layout, nil
 }
