@@ -141,15 +141,10 @@ func Resize(m *graph.Model, opts ResizeOptions) (*ResizeReport, error) {
 		if !resizable(f) {
 			return nil, fmt.Errorf("adapter %s is a %s branch; resize takes LoRA branches whose A, B and scaling are initializers", f.Module, f.Kind.Name)
 		}
-		a, err := m.Float64s(f.TA)
+		a, b, in, out, err := loraFactors(m, f)
 		if err != nil {
-			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
+			return nil, err
 		}
-		b, err := m.Float64s(f.TB)
-		if err != nil {
-			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
-		}
-		in, out := int(f.TA.Dims[0]), int(f.TB.Dims[1])
 		na, nb, rep, err := resizeOne(a, b, in, out, f.Rank, f.Scaling, f.Alpha, f.RSLoRA, opts)
 		if err != nil {
 			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
@@ -369,15 +364,10 @@ func Spectra(m *graph.Model) ([]AdapterSpectrum, error) {
 			out = append(out, AdapterSpectrum{Module: f.Module, Scaling: f.Scaling, Singular: []float64{}})
 			continue
 		}
-		a, err := m.Float64s(f.TA)
+		a, b, in, o, err := loraFactors(m, f)
 		if err != nil {
-			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
+			return nil, err
 		}
-		b, err := m.Float64s(f.TB)
-		if err != nil {
-			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
-		}
-		in, o := int(f.TA.Dims[0]), int(f.TB.Dims[1])
 		d, err := newDeltaSVD(a, b, in, o, f.Rank, f.Scaling)
 		if err != nil {
 			return nil, fmt.Errorf("adapter %s: %w", f.Module, err)
@@ -385,4 +375,15 @@ func Spectra(m *graph.Model) ([]AdapterSpectrum, error) {
 		out = append(out, AdapterSpectrum{Module: f.Module, Rank: f.Rank, In: in, Out: o, Scaling: f.Scaling, Singular: d.S})
 	}
 	return out, nil
+}
+
+// loraFactors reads an adapter's A [in, r] and B [r, out] as float64s.
+func loraFactors(m *graph.Model, f *foundAdapter) (a, b []float64, in, out int, err error) {
+	if a, err = m.Float64s(f.TA); err == nil {
+		b, err = m.Float64s(f.TB)
+	}
+	if err != nil {
+		return nil, nil, 0, 0, fmt.Errorf("adapter %s: %w", f.Module, err)
+	}
+	return a, b, int(f.TA.Dims[0]), int(f.TB.Dims[1]), nil
 }
