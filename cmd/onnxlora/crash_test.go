@@ -109,28 +109,8 @@ func crashModel(t *testing.T, path string, mb int) {
 // that a merge changes the weights, and saves it with external data.
 func trainAdapters(t *testing.T, src, dst string) {
 	t.Helper()
-	m, err := graph.Load(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	man, err := rewrite.ReadManifest(m)
-	if err != nil || man == nil {
-		t.Fatalf("manifest: %v", err)
-	}
-	rng := rand.New(rand.NewPCG(5, 6))
-	for _, a := range man.Adapters {
-		ti, _ := m.Graph().Initializer(a.LoraB)
-		n, _ := graph.NumElements(ti.Dims)
-		v := make([]float64, n)
-		for i := range v {
-			v[i] = rng.NormFloat64() * 0.1
-		}
-		graph.SetFloat64s(ti, v)
-	}
-	if err := m.Save(dst, graph.SaveOptions{External: graph.ExternalAlways}); err != nil {
-		t.Fatal(err)
-	}
+	onlyB := func(a rewrite.Adapter) []string { return []string{a.LoraB} }
+	randomizeAdapters(t, src, dst, rand.New(rand.NewPCG(5, 6)), onlyB, graph.SaveOptions{External: graph.ExternalAlways})
 }
 
 // tensorSums loads a model and hashes every tensor's bytes by name: two

@@ -103,9 +103,10 @@ func TestE2EInjectVerifiesAgainstBase(t *testing.T) {
 	}
 }
 
-// e2eRandomizeAdapters writes a copy of an injected model whose lora_A and
-// lora_B are random, as if trained, and returns the manifest.
-func e2eRandomizeAdapters(t *testing.T, src, dst string, seed uint64) *rewrite.Manifest {
+// randomizeAdapters writes a copy of the injected model src whose adapter
+// factors (those which picks from each adapter) hold 0.1·N(0,1) values
+// from rng, as if trained, saved with opts, and returns its manifest.
+func randomizeAdapters(t *testing.T, src, dst string, rng *rand.Rand, which func(rewrite.Adapter) []string, opts graph.SaveOptions) *rewrite.Manifest {
 	t.Helper()
 	m, err := graph.Load(src)
 	if err != nil {
@@ -117,9 +118,8 @@ func e2eRandomizeAdapters(t *testing.T, src, dst string, seed uint64) *rewrite.M
 		t.Fatalf("%s: no manifest (%v)", src, err)
 	}
 	g := m.Graph()
-	rng := rand.New(rand.NewPCG(seed, 7))
 	for _, a := range man.Adapters {
-		for _, name := range []string{a.LoraA, a.LoraB} {
+		for _, name := range which(a) {
 			w, _ := g.Initializer(name)
 			if w == nil {
 				t.Fatalf("%s: manifest names %s, which is not an initializer", src, name)
@@ -137,10 +137,18 @@ func e2eRandomizeAdapters(t *testing.T, src, dst string, seed uint64) *rewrite.M
 			}
 		}
 	}
-	if err := m.Save(dst, graph.SaveOptions{}); err != nil {
+	if err := m.Save(dst, opts); err != nil {
 		t.Fatal(err)
 	}
 	return man
+}
+
+// bothFactors picks an adapter's lora_A and lora_B for randomizeAdapters.
+func bothFactors(a rewrite.Adapter) []string { return []string{a.LoraA, a.LoraB} }
+
+// e2eRandomizeAdapters randomizes both factors of every adapter.
+func e2eRandomizeAdapters(t *testing.T, src, dst string, seed uint64) *rewrite.Manifest {
+	return randomizeAdapters(t, src, dst, rand.New(rand.NewPCG(seed, 7)), bothFactors, graph.SaveOptions{})
 }
 
 // TestE2EMergeMatchesUnmerged: merging trained adapters changes nothing

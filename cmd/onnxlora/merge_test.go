@@ -21,34 +21,8 @@ func trainedModel(t *testing.T, name string, targets string) string {
 	dir := t.TempDir()
 	lora := filepath.Join(dir, "lora.onnx")
 	mustRun(t, "inject", model(name), "-o", lora, "--target", targets, "--rank", "4", "--alpha", "8", "-q")
-	m, err := graph.Load(lora)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	man, err := rewrite.ReadManifest(m)
-	if err != nil || man == nil {
-		t.Fatalf("manifest: %v", err)
-	}
-	rng := rand.New(rand.NewPCG(1, 2))
-	g := m.Graph()
-	for _, a := range man.Adapters {
-		for _, name := range []string{a.LoraA, a.LoraB} {
-			ti, _ := g.Initializer(name)
-			n, _ := graph.NumElements(ti.Dims)
-			v := make([]float64, n)
-			for i := range v {
-				v[i] = rng.NormFloat64() * 0.1
-			}
-			if err := graph.SetFloat64s(ti, v); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
 	trained := filepath.Join(dir, "trained.onnx")
-	if err := m.Save(trained, graph.SaveOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	randomizeAdapters(t, lora, trained, rand.New(rand.NewPCG(1, 2)), bothFactors, graph.SaveOptions{})
 	return trained
 }
 

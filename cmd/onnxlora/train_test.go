@@ -87,15 +87,18 @@ func TestTrainUsageErrors(t *testing.T) {
 	}
 }
 
+// caseInject is how a reference case injects its model.
+type caseInject struct {
+	Targets []string `json:"targets"`
+	Rank    int      `json:"rank"`
+	Alpha   float64  `json:"alpha"`
+}
+
 // trainCase is a reference run of testdata/train/<name>.json, made by torch
 // in float64.
 type trainCase struct {
-	Model  string `json:"model"`
-	Inject *struct {
-		Targets []string `json:"targets"`
-		Rank    int      `json:"rank"`
-		Alpha   float64  `json:"alpha"`
-	} `json:"inject"`
+	Model    string                     `json:"model"`
+	Inject   *caseInject                `json:"inject"`
 	Data     string                     `json:"data"`
 	Flags    map[string]any             `json:"flags"`
 	Initial  map[string]trainCaseTensor `json:"initial"`
@@ -446,12 +449,8 @@ func TestTrainFirstStepMatchesGradCases(t *testing.T) {
 				t.Fatal(err)
 			}
 			var g struct {
-				Model  string `json:"model"`
-				Inject *struct {
-					Targets []string `json:"targets"`
-					Rank    int      `json:"rank"`
-					Alpha   float64  `json:"alpha"`
-				} `json:"inject"`
+				Model    string                     `json:"model"`
+				Inject   *caseInject                `json:"inject"`
 				Loss     string                     `json:"loss"`
 				Inputs   map[string]trainCaseTensor `json:"inputs"`
 				Params   map[string]trainCaseTensor `json:"params"`
