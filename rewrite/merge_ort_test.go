@@ -104,6 +104,18 @@ func mgMakeFeeds(t testing.TB, s *ortrun.Session, spec mgFeedSpec) []ortrun.Tens
 	return feeds
 }
 
+// mgInputIDs is a feeds function for mgRunModel giving every run the same
+// int64 input_ids.
+func mgInputIDs(t testing.TB, shape []int64, ids []float64) func(*ortrun.Session) []ortrun.Tensor {
+	return func(*ortrun.Session) []ortrun.Tensor {
+		in, err := ortrun.FromFloat64("input_ids", ortrun.Int64, shape, ids)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return []ortrun.Tensor{in}
+	}
+}
+
 func mgRunModel(t testing.TB, path string, feeds func(*ortrun.Session) []ortrun.Tensor) []ortrun.Tensor {
 	t.Helper()
 	s := orttest.Open(t, path)

@@ -83,13 +83,7 @@ func TestApplyPEFTMatchesTorchMerge(t *testing.T) {
 
 			orttest.Require(t)
 			out := mgSaveModel(t, m, filepath.Join(t.TempDir(), "model.onnx"))
-			feeds := func(*ortrun.Session) []ortrun.Tensor {
-				ids, err := ortrun.FromFloat64("input_ids", ortrun.Int64, exp.InputIDs.Shape, exp.InputIDs.Data)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return []ortrun.Tensor{ids}
-			}
+			feeds := mgInputIDs(t, exp.InputIDs.Shape, exp.InputIDs.Data)
 			got := mgRunModel(t, out, feeds)
 			want := mgRunModel(t, filepath.Join(dir, "merged.onnx"), feeds)
 			worst := mgCompareRuns(t, got, want, 1e-5)

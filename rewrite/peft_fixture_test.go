@@ -139,13 +139,7 @@ func TestPEFTFixturesMatchTorch(t *testing.T) {
 			}
 			orttest.Require(t)
 			out := mgSaveModel(t, m, filepath.Join(t.TempDir(), "model.onnx"))
-			feeds := func(*ortrun.Session) []ortrun.Tensor {
-				ids, err := ortrun.FromFloat64("input_ids", ortrun.Int64, exp.InputIDs.Shape, exp.InputIDs.Data)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return []ortrun.Tensor{ids}
-			}
+			feeds := mgInputIDs(t, exp.InputIDs.Shape, exp.InputIDs.Data)
 			got := mgRunModel(t, out, feeds)
 			baseOut := mgRunModel(t, filepath.Join(peftFixtures, tc.base), feeds)
 			worst, moved := 0.0, 0.0
