@@ -28,6 +28,25 @@ func readString(t *testing.T, s string) (*Dataset, error) {
 	return ReadJSONL(strings.NewReader(s), "data.jsonl")
 }
 
+// lmBatch reads the JSONL rows, validates them against lmSpec and batches
+// the first two.
+func lmBatch(t *testing.T, rows string) (*Dataset, *Batch) {
+	t.Helper()
+	d, err := readString(t, rows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := lmSpec()
+	if err := d.Validate(s); err != nil {
+		t.Fatal(err)
+	}
+	b, err := d.MakeBatch([]int{0, 1}, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, b
+}
+
 func tensorValues(t *testing.T, b *Batch, name string) ([]int64, []float64) {
 	t.Helper()
 	for _, x := range b.Inputs {
@@ -44,18 +63,7 @@ func tensorValues(t *testing.T, b *Batch, name string) ([]int64, []float64) {
 }
 
 func TestBatchPadsAndFills(t *testing.T) {
-	d, err := readString(t, "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [4, 5]}\n")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := lmSpec()
-	if err := d.Validate(s); err != nil {
-		t.Fatal(err)
-	}
-	b, err := d.MakeBatch([]int{0, 1}, s)
-	if err != nil {
-		t.Fatal(err)
-	}
+	d, b := lmBatch(t, "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [4, 5]}\n")
 	want := map[string][]float64{
 		"input_ids":      {1, 2, 3, 4, 5, 7},
 		"attention_mask": {1, 1, 1, 1, 1, 0},
@@ -78,19 +86,8 @@ func TestBatchPadsAndFills(t *testing.T) {
 }
 
 func TestBatchGivenLabelsAndMaskArePadded(t *testing.T) {
-	d, err := readString(t, `{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [-100, 2]}
+	_, b := lmBatch(t, `{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [-100, 2]}
 {"input_ids": [4], "attention_mask": [1], "labels": [4]}`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := lmSpec()
-	if err := d.Validate(s); err != nil {
-		t.Fatal(err)
-	}
-	b, err := d.MakeBatch([]int{0, 1}, s)
-	if err != nil {
-		t.Fatal(err)
-	}
 	if _, v := tensorValues(t, b, "labels"); !reflect.DeepEqual(v, []float64{-100, 2, 4, -100}) {
 		t.Errorf("labels %v", v)
 	}
