@@ -102,6 +102,17 @@ func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, 
 	return rep, nil
 }
 
+// factors reads the adapter's lora_A and lora_B values.
+func (f *foundAdapter) factors(m *graph.Model) (a, b []float64, err error) {
+	if a, err = m.Float64s(f.TA); err != nil {
+		return nil, nil, err
+	}
+	if b, err = m.Float64s(f.TB); err != nil {
+		return nil, nil, err
+	}
+	return a, b, nil
+}
+
 // exportable finds the model's adapters and returns those only selects
 // (all by default), in graph order; none at all is an error.
 func exportable(m *graph.Model, only []string) ([]*foundAdapter, string, error) {
@@ -162,11 +173,7 @@ func peftModule(m *graph.Model, f *foundAdapter) (export.PEFTModule, error) {
 	if f.Layer.Op == opConv {
 		return peftConvModule(m, f, dt)
 	}
-	a, err := m.Float64s(f.TA)
-	if err != nil {
-		return export.PEFTModule{}, err
-	}
-	b, err := m.Float64s(f.TB)
+	a, b, err := f.factors(m)
 	if err != nil {
 		return export.PEFTModule{}, err
 	}

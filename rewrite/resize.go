@@ -379,10 +379,7 @@ func Spectra(m *graph.Model) ([]AdapterSpectrum, error) {
 
 // loraFactors reads an adapter's A [in, r] and B [r, out] as float64s.
 func loraFactors(m *graph.Model, f *foundAdapter) (a, b []float64, in, out int, err error) {
-	if a, err = m.Float64s(f.TA); err == nil {
-		b, err = m.Float64s(f.TB)
-	}
-	if err != nil {
+	if a, b, err = f.factors(m); err != nil {
 		return nil, nil, 0, 0, fmt.Errorf("adapter %s: %w", f.Module, err)
 	}
 	return a, b, int(f.TA.Dims[0]), int(f.TB.Dims[1]), nil
