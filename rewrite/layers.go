@@ -168,6 +168,15 @@ func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 	if l.TransB {
 		l.In, l.Out = l.Out, l.In
 	}
+	l.place(g, w)
+	return l, ""
+}
+
+// place fills in what every layer kind records about its node n in g and
+// its weight w: whether w is shared, whether n's output is a graph output
+// (an output head), and the module path.
+func (l *Layer) place(g *graph.Graph, w *graph.Weight) {
+	n := l.Node
 	l.Shared = g.IsShared(w, n)
 	for _, out := range n.Output {
 		if g.IsGraphOutput(out) {
@@ -175,7 +184,6 @@ func layerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 		}
 	}
 	l.Module = ModulePath(n.GetName(), w.Name)
-	return l, ""
 }
 
 // isAdapterWeight reports whether a constant is named like a LoRA factor,
