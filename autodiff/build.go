@@ -416,14 +416,14 @@ func (b *backward) run(forward []*onnxpb.NodeProto, params []Param, loss string)
 			continue
 		}
 		r := lookupRule(n)
-		any := false
+		reached := false
 		for j, in := range n.Input {
 			if in != "" && requires[in] && (r == nil || r.differentiable(n, j)) {
 				needed[in] = true
-				any = true
+				reached = true
 			}
 		}
-		if !any {
+		if !reached {
 			continue
 		}
 		if r == nil {
@@ -497,8 +497,7 @@ func (b *backward) sum(contributions []string) string {
 	if len(contributions) == 1 {
 		return contributions[0]
 	}
-	s := b.e.op("Sum", contributions)
-	return s
+	return b.e.op("Sum", contributions)
 }
 
 func scopeOf(n *onnxpb.NodeProto) string {

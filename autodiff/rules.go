@@ -2,6 +2,7 @@ package autodiff
 
 import (
 	"sort"
+	"strconv"
 
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
@@ -105,7 +106,7 @@ func (c *ctx) output(i int, dt graph.DataType) string {
 		c.n.Output = append(c.n.Output, "")
 	}
 	if c.n.Output[i] == "" {
-		name := c.g.UniqueName(c.n.GetName() + "_output_" + itoa(i))
+		name := c.g.UniqueName(c.n.GetName() + "_output_" + strconv.Itoa(i))
 		c.g.SetOutput(c.n, i, name)
 		c.ti.elem[name] = dt
 	}
@@ -117,14 +118,6 @@ func input(n *onnxpb.NodeProto, i int) string {
 		return n.Input[i]
 	}
 	return ""
-}
-
-func itoa(i int) string {
-	const digits = "0123456789"
-	if i < 10 {
-		return digits[i : i+1]
-	}
-	return itoa(i/10) + digits[i%10:i%10+1]
 }
 
 // rules maps an op (domain-qualified outside the default domain) to its rule.
