@@ -90,13 +90,7 @@ func convLayerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 		// the grouped kernel [out, in/group, k…] cannot hold.
 		return nil, fmt.Sprintf("grouped Conv (group=%d): a LoRA delta is a full convolution the grouped kernel cannot hold, so it could never be merged (PEFT refuses too)", group)
 	}
-	l.Shared = g.IsShared(w, n)
-	for _, out := range n.Output {
-		if g.IsGraphOutput(out) {
-			l.OutputHead = true
-		}
-	}
-	l.Module = ModulePath(n.GetName(), w.Name)
+	l.place(g, w)
 	return l, ""
 }
 
@@ -195,20 +189,7 @@ func (p *plan) addConvAdapter(f *foundAdapter) error {
 	if err := checkConvBranch(f.branchMatch); err != nil {
 		return err
 	}
-	a, err := p.m.Float64s(f.TA)
-	if err != nil {
-		return err
-	}
-	b, err := p.m.Float64s(f.TB)
-	if err != nil {
-		return err
-	}
-	rep := &MergedLayer{Module: f.Module, Rank: f.Rank, Alpha: f.Alpha, Scaling: f.Scaling}
-	if err := p.addConvUpdate(f.Layer, a, b, f.Rank, f.Scaling, rep); err != nil {
-		return err
-	}
-	p.branches = append(p.branches, f.branch)
-	return nil
+	return p.addFactors(f, p.addConvUpdate)
 }
 
 // addConvUpdate plans W += scaling·Scale · B·A for a Conv layer, with A
@@ -333,11 +314,7 @@ func peftConvModule(m *graph.Model, f *foundAdapter, dt export.DType) (export.PE
 	if a := graph.Attr(l.Node, "auto_pad"); a != nil && string(a.S) != "NOTSET" && string(a.S) != "VALID" {
 		return export.PEFTModule{}, fmt.Errorf("Conv %s has auto_pad %s, which PEFT's lora_A cannot take", l.Module, a.S)
 	}
-	a, err := m.Float64s(f.TA)
-	if err != nil {
-		return export.PEFTModule{}, err
-	}
-	b, err := m.Float64s(f.TB)
+	a, b, err := f.factors(m)
 	if err != nil {
 		return export.PEFTModule{}, err
 	}

@@ -312,11 +312,7 @@ func (p *plan) addDoRAAdapter(f *foundAdapter) error {
 	if err := checkDoRABranch(p.m, f.branchMatch); err != nil {
 		return err
 	}
-	a, err := p.m.Float64s(f.TA)
-	if err != nil {
-		return err
-	}
-	b, err := p.m.Float64s(f.TB)
+	a, b, err := f.factors(p.m)
 	if err != nil {
 		return err
 	}

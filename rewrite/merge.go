@@ -322,21 +322,28 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 		p.branches = append(p.branches, f.branch)
 		return nil
 	}
-	a, err := p.m.Float64s(f.TA)
-	if err != nil {
-		return err
-	}
-	b, err := p.m.Float64s(f.TB)
+	return p.addFactors(f, func(l *Layer, a, b []float64, r int, scaling float64, rep *MergedLayer) error {
+		if err := p.addUpdate(l, a, b, r, scaling, rep); err != nil {
+			return err
+		}
+		// A and B are decoded again by the job that merges them, so memory
+		// does not grow with the number of adapters (update.factors).
+		p.updates[len(p.updates)-1].lazyFactors(p.m, f.TA, f.TB)
+		return nil
+	})
+}
+
+// addFactors reads f's A and B, plans their update of f's layer with add
+// (addUpdate or its Conv or quantized variant) and drops the branch.
+func (p *plan) addFactors(f *foundAdapter, add func(l *Layer, a, b []float64, r int, scaling float64, rep *MergedLayer) error) error {
+	a, b, err := f.factors(p.m)
 	if err != nil {
 		return err
 	}
 	rep := &MergedLayer{Module: f.Module, Rank: f.Rank, Alpha: f.Alpha, Scaling: f.Scaling}
-	if err := p.addUpdate(f.Layer, a, b, f.Rank, f.Scaling, rep); err != nil {
+	if err := add(f.Layer, a, b, f.Rank, f.Scaling, rep); err != nil {
 		return err
 	}
-	// A and B are decoded again by the job that merges them, so memory
-	// does not grow with the number of adapters (update.factors).
-	p.updates[len(p.updates)-1].lazyFactors(p.m, f.TA, f.TB)
 	p.branches = append(p.branches, f.branch)
 	return nil
 }

@@ -112,13 +112,7 @@ func nbitsLayerOf(g *graph.Graph, n *onnxpb.NodeProto) (*Layer, string) {
 		return nil, "MatMulNBits weight is not a constant"
 	}
 	l := &Layer{Node: n, Graph: g, Op: QuantNBits, Alpha: 1, Weight: w, In: k, Out: nn, DType: dt, Quant: q}
-	l.Shared = g.IsShared(w, n)
-	for _, out := range n.Output {
-		if g.IsGraphOutput(out) {
-			l.OutputHead = true
-		}
-	}
-	l.Module = ModulePath(n.GetName(), w.Name)
+	l.place(g, w)
 	return l, ""
 }
 
@@ -306,20 +300,7 @@ type quantEdit struct {
 // addQuantAdapter plans the merge of an adapter beside a quantized layer,
 // as MergeOptions.Quantized says.
 func (p *plan) addQuantAdapter(f *foundAdapter) error {
-	a, err := p.m.Float64s(f.TA)
-	if err != nil {
-		return err
-	}
-	b, err := p.m.Float64s(f.TB)
-	if err != nil {
-		return err
-	}
-	rep := &MergedLayer{Module: f.Module, Rank: f.Rank, Alpha: f.Alpha, Scaling: f.Scaling}
-	if err := p.addQuantUpdate(f.Layer, a, b, f.Rank, f.Scaling, rep); err != nil {
-		return err
-	}
-	p.branches = append(p.branches, f.branch)
-	return nil
+	return p.addFactors(f, p.addQuantUpdate)
 }
 
 // addQuantUpdate plans W' = deq(W) + scaling·Scale·A·B for a quantized
@@ -412,11 +393,7 @@ func (p *plan) dequantize(e *quantEdit) error {
 			}
 		}
 		g.Reindex()
-		for _, c := range []string{q.Data, q.Scales, q.ZeroPoints} {
-			if c != "" {
-				dropConstant(g, c)
-			}
-		}
+		dropQuantConstants(g, q)
 		e.rep.Weight = t.GetName()
 		return nil
 	}
@@ -438,14 +415,20 @@ func (p *plan) dequantize(e *quantEdit) error {
 			return err
 		}
 		g.Reindex()
-		for _, c := range []string{q.Data, q.Scales, q.ZeroPoints} {
-			if c != "" {
-				dropConstant(g, c)
-			}
-		}
+		dropQuantConstants(g, q)
 	}
 	e.rep.Weight = t.GetName()
 	return nil
+}
+
+// dropQuantConstants removes the quantized weight's data, scales and zero
+// points once nothing reads them.
+func dropQuantConstants(g *graph.Graph, q *Quant) {
+	for _, c := range []string{q.Data, q.Scales, q.ZeroPoints} {
+		if c != "" {
+			dropConstant(g, c)
+		}
+	}
 }
 
 // requantize writes W + ΔW back in the layer's own scheme (bits, block
