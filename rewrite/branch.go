@@ -149,6 +149,20 @@ const (
 	shapeLayerOut                  // the layer output's
 )
 
+// factorNodes are how the MatMul/Gemm branches start: x, transposed for
+// Gemm transA=1 and through Dropout when asked for, times A then B. Each
+// call returns a fresh slice, so branches can append their own tail.
+func factorNodes() []branchNode {
+	return []branchNode{
+		{Name: "Transpose_A", Op: "Transpose", In: []operand{theLayerInput}, When: whenTransA, Shape: shapeSwapped,
+			Attrs: []*onnxpb.AttributeProto{intsAttr("perm", 1, 0)}},
+		{Name: "Dropout", Op: "Dropout", In: []operand{nodeOut("Transpose_A"), paramIn("ratio")}, When: whenDropout,
+			MoreInputs: true, SpareOutputs: true, Shape: shapeSame},
+		{Name: "MatMul_A", Op: "MatMul", In: []operand{nodeOut("Dropout"), paramIn("A")}, Shape: shapeLastRank},
+		{Name: "MatMul_B", Op: "MatMul", In: []operand{nodeOut("MatMul_A"), paramIn("B")}, Shape: shapeLayerOut},
+	}
+}
+
 // loraBranch is the branch Inject writes beside a MatMul or Gemm:
 //
 //	y = base(x) + S * ((dropout(transpose(x)) · A) · B)
@@ -164,16 +178,10 @@ var loraBranch = &branchKind{
 		{Name: "S", Label: "scaling", Class: paramScalar},
 		{Name: "ratio", Label: "dropout ratio", Optional: true},
 	},
-	Nodes: []branchNode{
-		{Name: "Transpose_A", Op: "Transpose", In: []operand{theLayerInput}, When: whenTransA, Shape: shapeSwapped,
-			Attrs: []*onnxpb.AttributeProto{intsAttr("perm", 1, 0)}},
-		{Name: "Dropout", Op: "Dropout", In: []operand{nodeOut("Transpose_A"), paramIn("ratio")}, When: whenDropout,
-			MoreInputs: true, SpareOutputs: true, Shape: shapeSame},
-		{Name: "MatMul_A", Op: "MatMul", In: []operand{nodeOut("Dropout"), paramIn("A")}, Shape: shapeLastRank},
-		{Name: "MatMul_B", Op: "MatMul", In: []operand{nodeOut("MatMul_A"), paramIn("B")}, Shape: shapeLayerOut},
-		{Name: "Mul_scaling", Op: "Mul", In: []operand{nodeOut("MatMul_B"), paramIn("S")}, Commutes: true, Shape: shapeLayerOut},
-		{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("Mul_scaling")}, Commutes: true},
-	},
+	Nodes: append(factorNodes(),
+		branchNode{Name: "Mul_scaling", Op: "Mul", In: []operand{nodeOut("MatMul_B"), paramIn("S")}, Commutes: true, Shape: shapeLayerOut},
+		branchNode{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("Mul_scaling")}, Commutes: true},
+	),
 }
 
 // adapterInputBranch is the branch of an adapter-input model, as inject
@@ -192,15 +200,9 @@ var adapterInputBranch = &branchKind{
 		{Name: "B", Label: "lora_B", Class: paramInput, Dims: []string{"r", "out"}},
 		{Name: "ratio", Label: "dropout ratio", Optional: true},
 	},
-	Nodes: []branchNode{
-		{Name: "Transpose_A", Op: "Transpose", In: []operand{theLayerInput}, When: whenTransA, Shape: shapeSwapped,
-			Attrs: []*onnxpb.AttributeProto{intsAttr("perm", 1, 0)}},
-		{Name: "Dropout", Op: "Dropout", In: []operand{nodeOut("Transpose_A"), paramIn("ratio")}, When: whenDropout,
-			MoreInputs: true, SpareOutputs: true, Shape: shapeSame},
-		{Name: "MatMul_A", Op: "MatMul", In: []operand{nodeOut("Dropout"), paramIn("A")}, Shape: shapeLastRank},
-		{Name: "MatMul_B", Op: "MatMul", In: []operand{nodeOut("MatMul_A"), paramIn("B")}, Shape: shapeLayerOut},
-		{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("MatMul_B")}, Commutes: true},
-	},
+	Nodes: append(factorNodes(),
+		branchNode{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("MatMul_B")}, Commutes: true},
+	),
 }
 
 // root returns the node whose output replaces the layer's.
