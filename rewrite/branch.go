@@ -149,6 +149,17 @@ const (
 	shapeLayerOut                  // the layer output's
 )
 
+// loraParams are the parameters of a branch with initializer factors:
+// A [in, r], B [r, out], the scaling S and an optional dropout ratio.
+func loraParams() []branchParam {
+	return []branchParam{
+		{Name: "A", Label: "lora_A", Class: paramMatrix, Dims: []string{"in", "r"}},
+		{Name: "B", Label: "lora_B", Class: paramMatrix, Dims: []string{"r", "out"}},
+		{Name: "S", Label: "scaling", Class: paramScalar},
+		{Name: "ratio", Label: "dropout ratio", Optional: true},
+	}
+}
+
 // factorNodes are how the MatMul/Gemm branches start: x, transposed for
 // Gemm transA=1 and through Dropout when asked for, times A then B. Each
 // call returns a fresh slice, so branches can append their own tail.
@@ -172,12 +183,7 @@ func factorNodes() []branchNode {
 var loraBranch = &branchKind{
 	Name:    "lora",
 	BaseOps: []string{"MatMul", "Gemm"},
-	Params: []branchParam{
-		{Name: "A", Label: "lora_A", Class: paramMatrix, Dims: []string{"in", "r"}},
-		{Name: "B", Label: "lora_B", Class: paramMatrix, Dims: []string{"r", "out"}},
-		{Name: "S", Label: "scaling", Class: paramScalar},
-		{Name: "ratio", Label: "dropout ratio", Optional: true},
-	},
+	Params:  loraParams(),
 	Nodes: append(factorNodes(),
 		branchNode{Name: "Mul_scaling", Op: "Mul", In: []operand{nodeOut("MatMul_B"), paramIn("S")}, Commutes: true, Shape: shapeLayerOut},
 		branchNode{Name: "Add", Op: "Add", In: []operand{theLayerOutput, nodeOut("Mul_scaling")}, Commutes: true},

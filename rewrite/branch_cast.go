@@ -20,12 +20,7 @@ func castBranch(dt graph.DataType) *branchKind {
 	return &branchKind{
 		Name:    "lora float32 on " + dt.String(),
 		BaseOps: []string{"MatMul", "Gemm"},
-		Params: []branchParam{
-			{Name: "A", Label: "lora_A", Class: paramMatrix, Dims: []string{"in", "r"}},
-			{Name: "B", Label: "lora_B", Class: paramMatrix, Dims: []string{"r", "out"}},
-			{Name: "S", Label: "scaling", Class: paramScalar},
-			{Name: "ratio", Label: "dropout ratio", Optional: true},
-		},
+		Params:  loraParams(),
 		Nodes: []branchNode{
 			{Name: "Cast_x", Op: "Cast", In: []operand{theLayerInput}, Attrs: []*onnxpb.AttributeProto{toF32}},
 			{Name: "Transpose_A", Op: "Transpose", In: []operand{nodeOut("Cast_x")}, When: whenTransA,
