@@ -32,6 +32,34 @@ type vbExpected struct {
 	Weights map[string]vbTensor `json:"weights"`
 }
 
+// injectedThenMerged checks an injected model against the generator's torch
+// forward ("unmerged", which must differ from "base" clearly), merges it in
+// place, and checks the merged model against the injected one in ORT. It
+// returns the injected model's outputs.
+func injectedThenMerged(t *testing.T, m *graph.Model, e vbExpected, ins []ortrun.Tensor, dir, ref string) map[string][]float64 {
+	t.Helper()
+	injected := mgSaveModel(t, m, filepath.Join(dir, "injected.onnx"))
+	got := runModel(t, injected, ins)
+	if vtRel(t, e.output("base", "y"), e.output("unmerged", "y")) < 1e-2 {
+		t.Fatal("the adapter hardly changes the output; the test would prove nothing")
+	}
+	if rel := vtRel(t, got, e.output("unmerged", "y")); rel > 1e-5 {
+		t.Fatalf("injected vs %s forward: rel %g", ref, rel)
+	} else {
+		t.Logf("injected vs %s forward: rel %.2g", ref, rel)
+	}
+	if _, err := Merge(m, MergeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	merged := mgSaveModel(t, m, filepath.Join(dir, "merged.onnx"))
+	if rel := vtRel(t, runModel(t, merged, ins), got); rel > 1e-6 {
+		t.Errorf("merged vs unmerged: rel %g", rel)
+	} else {
+		t.Logf("merged vs unmerged: rel %.2g", rel)
+	}
+	return got
+}
+
 func readVB(t *testing.T, c string) vbExpected {
 	t.Helper()
 	raw, err := os.ReadFile(variantsB(c, "expected.json"))
@@ -183,25 +211,7 @@ func TestConvLoRAInORT(t *testing.T) {
 	ins := e.inputs(t)
 	dir := t.TempDir()
 	m, _ := convInjected(t)
-	injected := mgSaveModel(t, m, filepath.Join(dir, "injected.onnx"))
-	got := runModel(t, injected, ins)
-	if vtRel(t, e.output("base", "y"), e.output("unmerged", "y")) < 1e-2 {
-		t.Fatal("the adapter hardly changes the output; the test would prove nothing")
-	}
-	if rel := vtRel(t, got, e.output("unmerged", "y")); rel > 1e-5 {
-		t.Fatalf("injected vs torch PEFT forward: rel %g", rel)
-	} else {
-		t.Logf("injected vs torch PEFT forward: rel %.2g", rel)
-	}
-	if _, err := Merge(m, MergeOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	merged := mgSaveModel(t, m, filepath.Join(dir, "merged.onnx"))
-	if rel := vtRel(t, runModel(t, merged, ins), got); rel > 1e-6 {
-		t.Errorf("merged vs unmerged: rel %g", rel)
-	} else {
-		t.Logf("merged vs unmerged: rel %.2g", rel)
-	}
+	got := injectedThenMerged(t, m, e, ins, dir, "torch PEFT")
 	for name, w := range e.Weights {
 		tp, _ := m.Graph().Initializer(name)
 		if tp == nil {
