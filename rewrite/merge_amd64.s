@@ -125,6 +125,8 @@ GLOBL bf16Bias<>(SB), RODATA|NOPTR, $8
 // float32 exponent mask, for counting infinities and NaNs.
 DATA expMask32<>+0(SB)/4, $0x7f800000
 GLOBL expMask32<>(SB), RODATA|NOPTR, $4
+DATA absMask32<>+0(SB)/4, $0x7fffffff
+GLOBL absMask32<>(SB), RODATA|NOPTR, $4
 
 // Gathers the low 16 bits of each quadword: bytes 0,1 and 8,9 of each
 // 128-bit lane.
@@ -270,6 +272,8 @@ TEXT ·fusedF32AVX2(SB), NOSPLIT, $0-96
 	VPBROADCASTQ absMask<>(SB), Y14
 	VMOVUPD (R12), Y13
 	VPBROADCASTD expMask32<>(SB), X12
+	VPBROADCASTD absMask32<>(SB), X11
+	VPXOR X10, X10, X10
 	XORQ AX, AX
 	XORQ R8, R8
 	XORQ R9, R9
@@ -285,6 +289,10 @@ loop32:
 	VCVTPD2PSY Y1, X4
 	VMOVUPS X4, (DI)(AX*4)
 	VPCMPEQD (SI)(AX*4), X4, X3
+	VPOR (SI)(AX*4), X4, X5   // zeros of either sign count as equal
+	VPAND X11, X5, X5
+	VPCMPEQD X10, X5, X5
+	VPOR X5, X3, X3
 	VMOVMSKPS X3, BX
 	POPCNTL BX, BX
 	ADDQ BX, R8

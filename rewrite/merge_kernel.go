@@ -195,7 +195,7 @@ func fusedRow(dt graph.DataType, drow, srow []byte, acc []float64, coef float64,
 			if ad := math.Abs(d); ad > maxAbs {
 				maxAbs = ad
 			}
-			changed += int64(neq16(h, old))
+			changed += int64(changed16(h, old))
 			if h&0x7c00 == 0x7c00 {
 				nonFinite++
 			}
@@ -218,7 +218,7 @@ func fusedRow(dt graph.DataType, drow, srow []byte, acc []float64, coef float64,
 			if ad := math.Abs(d); ad > maxAbs {
 				maxAbs = ad
 			}
-			changed += int64(neq16(h, old))
+			changed += int64(changed16(h, old))
 			if h&0x7f80 == 0x7f80 {
 				nonFinite++
 			}
@@ -233,7 +233,7 @@ func fusedRow(dt graph.DataType, drow, srow []byte, acc []float64, coef float64,
 			if ad := math.Abs(d); ad > maxAbs {
 				maxAbs = ad
 			}
-			changed += int64((uint64(h^old) + 0xffffffff) >> 32)
+			changed += int64(changed32(h, old))
 			if h&0x7f800000 == 0x7f800000 {
 				nonFinite++
 			}
@@ -287,8 +287,17 @@ const (
 	bf16Hi = 0x47f0000000000000 // 2^128
 )
 
-// neq16 is 1 when a != b, else 0, without a branch.
-func neq16(a, b uint16) uint32 { return (uint32(a^b) + 0xffff) >> 16 }
+// changed16 is 1 when the 16-bit float h differs from old, else 0, without
+// a branch. Zeros of either sign are equal: an untrained adapter turns -0
+// into +0 (as W + 0 does in torch), and that is not a change.
+func changed16(h, old uint16) uint32 {
+	return (uint32(h^old) + 0xffff) >> 16 & ((uint32((h|old)&0x7fff) + 0xffff) >> 16)
+}
+
+// changed32 is changed16 for float32 bits.
+func changed32(h, old uint32) uint64 {
+	return (uint64(h^old) + 0xffffffff) >> 32 & ((uint64((h|old)&0x7fffffff) + 0xffffffff) >> 32)
+}
 
 func leU16(b []byte) uint16 { return uint16(b[0]) | uint16(b[1])<<8 }
 func leU32(b []byte) uint32 {
