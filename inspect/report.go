@@ -32,6 +32,9 @@ type Report struct {
 	// AdaptersRecognized is set.
 	Adapters           []Adapter `json:"adapters"`
 	AdaptersRecognized bool      `json:"adapters_recognized,omitempty"`
+	// Saved are the layers trained whole beside the adapters (PEFT's
+	// modules_to_save), from the manifest.
+	Saved []rewrite.SavedModule `json:"modules_to_save,omitempty"`
 	// Skipped are MatMul-like nodes that cannot take an adapter.
 	Skipped []rewrite.Skipped `json:"skipped"`
 }
@@ -216,6 +219,7 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 	}
 	adapted := map[string]*rewrite.Adapter{}
 	if man != nil {
+		r.Saved = man.Saved
 		for i := range man.Adapters {
 			adapted[man.Adapters[i].Module] = &man.Adapters[i]
 		}

@@ -213,6 +213,13 @@ func writeAdapters(w io.Writer, r *Report) {
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "  total: %s adapter params\n", commas(params))
+	for _, s := range r.Saved {
+		tensors := s.Weight
+		if s.Bias != "" {
+			tensors += ", " + s.Bias
+		}
+		fmt.Fprintf(w, "  %s is trained whole (modules_to_save): %s\n", s.Module, tensors)
+	}
 	for _, a := range r.Adapters {
 		if a.Error != "" {
 			fmt.Fprintf(w, "  %s: norm unavailable: %s\n", a.Module, a.Error)

@@ -56,6 +56,9 @@ func CheckPlainExport(m *graph.Model, only []string) error {
 // initial is the model as injected (step 0: an .onnx file with the same
 // modules) or a PEFT adapter directory saved at step 0.
 func ExportPEFTConverted(m *graph.Model, initial, dir string, opts ExportOptions) (*ExportReport, error) {
+	if err := refuseSaved(m, "a converted (plain LoRA) export"); err != nil {
+		return nil, err
+	}
 	picked, source, err := exportable(m, opts.Only)
 	if err != nil {
 		return nil, err

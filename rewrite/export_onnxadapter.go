@@ -18,6 +18,9 @@ import (
 // trained (rank > 0). opts.Only restricts the modules; BaseModel and
 // TaskType do not apply.
 func ExportOnnxAdapter(m *graph.Model, opts ExportOptions) (*export.OnnxAdapter, *ExportReport, error) {
+	if err := refuseSaved(m, "an .onnx_adapter file (ONNX Runtime's LoRA parameters)"); err != nil {
+		return nil, nil, err
+	}
 	chosen, source, err := exportable(m, opts.Only)
 	if err != nil {
 		return nil, nil, err

@@ -37,6 +37,8 @@ type ExportReport struct {
 	// Untrained is true when every lora_B is zero: the adapters are as
 	// inject made them and change nothing.
 	Untrained bool `json:"untrained,omitempty"`
+	// Saved are the modules_to_save layers written in full.
+	Saved []string `json:"modules_to_save,omitempty"`
 }
 
 // ExportPEFT writes the model's (trained) LoRA adapters as a PEFT adapter
@@ -52,7 +54,8 @@ type ExportReport struct {
 // lora_dropout, fan_in_fan_out (true when every exported layer is a GPT-2
 // Conv1D, as PEFT sets it; see isConv1D), peft_type LORA and target_modules:
 // short names ("q_proj") when every layer so named is exported, full module
-// paths otherwise. Adapters mixing rsLoRA and plain scaling cannot be
+// paths otherwise. Layers inject made modules_to_save are written whole
+// (see peftSaved) and listed in modules_to_save. Adapters mixing rsLoRA and plain scaling cannot be
 // described by one config and are refused.
 func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, error) {
 	chosen, source, err := exportable(m, opts.Only)
@@ -95,7 +98,19 @@ func ExportPEFT(m *graph.Model, dir string, opts ExportOptions) (*ExportReport, 
 	if opts.Prefix != nil {
 		prefix = *opts.Prefix
 	}
-	if err := export.WritePEFTAdapterPrefix(dir, cfg, mods, prefix); err != nil {
+	var saved []export.PEFTSaved
+	if man, err := ReadManifest(m); err != nil {
+		return nil, err
+	} else if man != nil && len(man.Saved) > 0 {
+		if saved, err = peftSaved(m, man); err != nil {
+			return nil, err
+		}
+		for _, s := range man.Saved {
+			cfg.ModulesToSave = append(cfg.ModulesToSave, s.Module)
+			rep.Saved = append(rep.Saved, s.Module)
+		}
+	}
+	if err := export.WritePEFTAdapterSaved(dir, cfg, mods, saved, prefix); err != nil {
 		return nil, err
 	}
 	rep.Config = cfg
@@ -163,10 +178,7 @@ func isConv1D(l *Layer) bool {
 
 // peftModule converts one branch's factors to PEFT's layout.
 func peftModule(m *graph.Model, f *foundAdapter) (export.PEFTModule, error) {
-	dt, ok := map[graph.DataType]export.DType{
-		graph.Float: export.DTypeF32, graph.Float16: export.DTypeF16,
-		graph.BFloat16: export.DTypeBF16, graph.Double: export.DTypeF64,
-	}[graph.DataType(f.TA.GetDataType())]
+	dt, ok := peftDType[graph.DataType(f.TA.GetDataType())]
 	if !ok || f.TB.GetDataType() != f.TA.GetDataType() {
 		return export.PEFTModule{}, fmt.Errorf("lora_A is %v and lora_B %v; both must be one float type", graph.DataType(f.TA.GetDataType()), graph.DataType(f.TB.GetDataType()))
 	}

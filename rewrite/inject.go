@@ -5,6 +5,7 @@ import (
 	"hash/fnv"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 
 	"google.golang.org/protobuf/proto"
@@ -63,6 +64,11 @@ type InjectConfig struct {
 	// more expressive, only larger); the memory it needs is checked either
 	// way.
 	AllowLargeRank bool
+	// ModulesToSave names layers to train whole beside the adapters
+	// (PEFT's modules_to_save: a name is a module path or its last dotted
+	// segments): their weight and bias initializers become trainable and
+	// export-adapter writes them in full.
+	ModulesToSave []string
 	// factors holds the PiSSA/OLoRA starting A and B per module, set by
 	// Inject for those inits.
 	factors map[string]*initFactors
@@ -138,6 +144,15 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 	for _, a := range man.Adapters {
 		adapted[a.Module] = true
 	}
+	// Before any branch exists, so the layers are the model's own.
+	if err := addModulesToSave(m, cfg.ModulesToSave, man); err != nil {
+		return nil, err
+	}
+	for _, sv := range man.Saved {
+		if slices.ContainsFunc(sel, func(s Selection) bool { return layers[s.Index].Module == sv.Module }) {
+			return nil, fmt.Errorf("module %s is trained whole (modules_to_save) and selected for an adapter; a layer is one or the other (PEFT's too)", sv.Module)
+		}
+	}
 	inj := &Injection{Manifest: man}
 	if err := checkLayerKinds(layers, sel, cfg); err != nil {
 		return nil, err
@@ -176,7 +191,9 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 // CountParams counts the adapters' elements (trainable) and all
 // floating-point initializer elements (all), as PEFT's
 // print_trainable_parameters counts parameters: the branches' scaling and
-// dropout scalars are constants, not parameters. man may be nil.
+// dropout scalars are constants, not parameters. A modules_to_save layer
+// counts in both, twice in all: PEFT trains a copy beside the original.
+// man may be nil.
 func CountParams(m *graph.Model, man *Manifest) (trainable, all int64) {
 	constants := map[string]bool{}
 	if man == nil {
@@ -189,6 +206,15 @@ func CountParams(m *graph.Model, man *Manifest) (trainable, all int64) {
 		}
 		constants[a.ScalingTensor] = true
 		constants[a.DropoutRatio] = true
+	}
+	for _, s := range man.Saved {
+		for _, name := range []string{s.Weight, s.Bias} {
+			if t, _ := m.Graph().Initializer(name); name != "" && t != nil {
+				n, _ := graph.NumElements(t.Dims)
+				trainable += n
+				all += n
+			}
+		}
 	}
 	m.Graph().Walk(func(g *graph.Graph) {
 		for _, t := range g.Proto.Initializer {

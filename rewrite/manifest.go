@@ -20,10 +20,13 @@ const ManifestVersion = 1
 type Manifest struct {
 	Version  int       `json:"version"`
 	Adapters []Adapter `json:"adapters"`
-	// Trainable lists the initializers to train: every lora_A and lora_B.
+	// Trainable lists the initializers to train: every lora_A and lora_B
+	// (and DoRA magnitude), then the weights and biases of Saved.
 	// It is what ONNX Runtime training's generate_artifacts takes as
 	// requires_grad.
 	Trainable []string `json:"trainable"`
+	// Saved are the layers trained whole (PEFT's modules_to_save).
+	Saved []SavedModule `json:"modules_to_save,omitempty"`
 }
 
 // Adapter is one LoRA branch: y = base(x) + scaling * ((dropout(x) · A) · B).
@@ -114,6 +117,12 @@ func WriteManifest(m *graph.Model, man *Manifest) error {
 		man.Trainable = append(man.Trainable, a.LoraA, a.LoraB)
 		if a.Magnitude != "" {
 			man.Trainable = append(man.Trainable, a.Magnitude)
+		}
+	}
+	for _, s := range man.Saved {
+		man.Trainable = append(man.Trainable, s.Weight)
+		if s.Bias != "" {
+			man.Trainable = append(man.Trainable, s.Bias)
 		}
 	}
 	data, err := json.Marshal(man)

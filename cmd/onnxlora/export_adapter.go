@@ -123,7 +123,10 @@ func runExportAdapter(opts *ExportAdapterOptions) error {
 	if err != nil {
 		return err
 	}
-	if rep.Untrained {
+	switch {
+	case rep.Untrained && len(rep.Saved) > 0:
+		ios.Warnf("every lora_B is zero: the LoRA adapters are untrained; only the modules_to_save weights can change the model")
+	case rep.Untrained:
 		ios.Warnf("every lora_B is zero: the adapters are untrained, so the exported adapter changes nothing")
 	}
 	if opts.JSON {
@@ -133,6 +136,9 @@ func runExportAdapter(opts *ExportAdapterOptions) error {
 		fmt.Fprintf(ios.Out, "Exported %d adapter(s) (r=%d, lora_alpha=%g, fan_in_fan_out=%v) to %s:\n", len(rep.Modules), rep.Config.R, rep.Config.LoraAlpha, rep.FanInFanOut, opts.Output)
 		for _, mod := range rep.Modules {
 			fmt.Fprintf(ios.Out, "  %s\n", mod)
+		}
+		for _, mod := range rep.Saved {
+			fmt.Fprintf(ios.Out, "  %s (modules_to_save: the whole trained weight)\n", mod)
 		}
 	}
 	ios.Notef("wrote %s and %s", export.PEFTConfigFile, export.PEFTWeightsFile)

@@ -39,7 +39,9 @@ type InjectOptions struct {
 	DoRA bool
 	// AdapterDType is --adapter-dtype: float32 or layer.
 	AdapterDType string
-	conflicts    []string
+	// ModulesToSave is --modules-to-save.
+	ModulesToSave []string
+	conflicts     []string
 
 	// config is the validated configuration, set by the command.
 	config rewrite.InjectConfig
@@ -114,6 +116,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.BoolVar(&opts.AllowLargeRank, "allow-large-rank", false, "allow a rank above min(in, out) of a layer (refused by default: it adds size, not expressiveness)")
 	fl.StringVar(&opts.AdapterDType, "adapter-dtype", "float32", "type of lora_A/lora_B beside float16/bfloat16 layers: float32 (PEFT's, with Casts around the branch) or layer (the layer's own type)")
 	fl.BoolVar(&opts.AdapterInputs, "adapter-inputs", false, "make lora_A/lora_B graph inputs with rank-0 defaults, the scaling in B, for ONNX Runtime's .onnx_adapter files (docs/serving.md)")
+	fl.StringSliceVar(&opts.ModulesToSave, "modules-to-save", nil, "layers to train whole beside the adapters, e.g. classifier or score (PEFT modules_to_save; export-adapter writes them in full)")
 	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
 	fl.BoolVar(&opts.DryRun, "dry-run", false, "print the layers that would be adapted and write nothing")
 	fl.BoolVar(&opts.JSON, "json", false, "print the result (counts and manifest) as JSON on stdout")
@@ -157,6 +160,7 @@ func (o *InjectOptions) validate() error {
 	}
 	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs, AllowLargeRank: o.AllowLargeRank}
 	o.config.DoRA = o.DoRA
+	o.config.ModulesToSave = o.ModulesToSave
 	switch strings.ToLower(o.AdapterDType) {
 	case "float32", "float", "fp32":
 		o.config.AdapterDType = graph.Float
@@ -265,6 +269,13 @@ func runInject(opts *InjectOptions) error {
 	}
 	fmt.Fprintln(ios.Out, inj.String())
 	ios.Notef("wrote %s with %d new adapter(s): %s", opts.Output, len(added), summarizeModules(added))
+	if n := len(inj.Manifest.Saved); n > 0 {
+		names := make([]string, n)
+		for i, s := range inj.Manifest.Saved {
+			names[i] = s.Module
+		}
+		ios.Notef("trained whole (modules_to_save): %s", strings.Join(names, ", "))
+	}
 	if opts.Manifest != "" {
 		ios.Notef("wrote the manifest to %s", opts.Manifest)
 	}

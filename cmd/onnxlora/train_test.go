@@ -89,9 +89,10 @@ func TestTrainUsageErrors(t *testing.T) {
 
 // caseInject is how a reference case injects its model.
 type caseInject struct {
-	Targets []string `json:"targets"`
-	Rank    int      `json:"rank"`
-	Alpha   float64  `json:"alpha"`
+	Targets       []string `json:"targets"`
+	Rank          int      `json:"rank"`
+	Alpha         float64  `json:"alpha"`
+	ModulesToSave []string `json:"modules_to_save"`
 }
 
 // trainCase is a reference run of testdata/train/<name>.json, made by torch
@@ -133,8 +134,12 @@ func (c *trainCase) injectWith(t *testing.T, dir, name string, values map[string
 	t.Helper()
 	injected := filepath.Join(dir, "injected.onnx")
 	if _, err := os.Stat(injected); err != nil {
-		mustRun(t, "inject", model(c.Model), "-o", injected, "--target", strings.Join(c.Inject.Targets, ","),
-			"--rank", fmt.Sprint(c.Inject.Rank), "--alpha", fmt.Sprint(c.Inject.Alpha), "-q")
+		args := []string{"inject", model(c.Model), "-o", injected, "--target", strings.Join(c.Inject.Targets, ","),
+			"--rank", fmt.Sprint(c.Inject.Rank), "--alpha", fmt.Sprint(c.Inject.Alpha), "-q"}
+		if len(c.Inject.ModulesToSave) > 0 {
+			args = append(args, "--modules-to-save", strings.Join(c.Inject.ModulesToSave, ","))
+		}
+		mustRun(t, args...)
 	}
 	m, err := graph.Load(injected)
 	if err != nil {
@@ -189,6 +194,7 @@ func TestTrainMatchesTorch(t *testing.T) {
 		"tiny-llama-adamw", "tiny-llama-sgd", "tiny-llama-accum-cosine",
 		"tiny-gpt2-adamw", "tiny-gpt2-sgd", "tiny-gpt2-accum-cosine",
 		"mlp-classifier-adamw", "mlp-classifier-sgd", "mlp-classifier-accum-cosine",
+		"mlp-classifier-modules-to-save",
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := loadTrainCase(t, name)
@@ -246,6 +252,16 @@ func TestTrainMatchesTorch(t *testing.T) {
 				merged := filepath.Join(dir, "merged.onnx")
 				mustRun(t, "merge", out, "-o", merged, "-q")
 				mustRun(t, "verify", merged, ref, "-q")
+			}
+			// The head trained whole leaves as modules_to_save in the PEFT
+			// export, and applying that to the base gives the torch result.
+			if len(c.Inject.ModulesToSave) > 0 {
+				ref := c.injectWith(t, dir, "torch.onnx", c.Expected.Final)
+				peft := filepath.Join(dir, "peft")
+				mustRun(t, "export-adapter", out, "-o", peft, "-q")
+				applied := filepath.Join(dir, "applied.onnx")
+				mustRun(t, "merge", model(c.Model), "--adapter", peft, "-o", applied, "-q")
+				mustRun(t, "verify", applied, ref, "-q")
 			}
 		})
 	}

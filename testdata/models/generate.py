@@ -1385,11 +1385,12 @@ def collate(model_file, rows, kind):
     return {n: feeds[n] for n in names}, labels
 
 
-def torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=None, after_step=None):
+def torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=None, after_step=None, saved=()):
     """The reference loop in float64: returns ([{step, loss, lr, grad_norm}], {param: final value}).
-    record collects each step's clipped gradients; after_step(step, model) runs after each update."""
+    record collects each step's clipped gradients; after_step(step, model) runs after each update. saved
+    names base parameters trained whole beside the adapters (PEFT's modules_to_save)."""
     m, params, chosen, _ = lora_model(model_file, targets, rank, alpha, initial)
-    names = [p + s for p in chosen for s in (".lora_A.weight", ".lora_B.weight")]
+    names = [p + s for p in chosen for s in (".lora_A.weight", ".lora_B.weight")] + list(saved)
     ps = [params[n] for n in names]
     for p in ps:
         p.requires_grad_(True)
@@ -1442,15 +1443,17 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r, separators=(",", ":")) + "\n")
 
 
-def train_case(name, model_file, targets, rank, alpha, rows, flags, seed, b_zero, clips=None):
+def train_case(name, model_file, targets, rank, alpha, rows, flags, seed, b_zero, clips=None, save=()):
     """Write testdata/train/<name>.json and <name>.jsonl. clips: assert that every step clips (True) or
     none does (False). Every step's norm must be 1% away from max-grad-norm, so float32 gradients cannot
-    flip the clipping decision."""
+    flip the clipping decision. save: modules trained whole (modules_to_save; nn.Linear weight and bias,
+    which the ONNX files keep under the same names)."""
     flags = dict(TRAIN_DEFAULTS, **flags)
     chosen = [p for p in onnx_modules(model_file) if target_matches(p, targets)]
     initial = lora_init_values(model_file, chosen, rank, seed, b_zero=b_zero)
     grads = []
-    steps, final = torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=grads)
+    saved = [mod + "." + leaf for mod in save for leaf in ("weight", "bias")]
+    steps, final = torch_train(model_file, targets, rank, alpha, initial, rows, flags, record=grads, saved=saved)
     g = flags["max-grad-norm"]
     if g > 0:
         for s in steps:
@@ -1471,14 +1474,15 @@ def train_case(name, model_file, targets, rank, alpha, rows, flags, seed, b_zero
     assert abs(ref - steps[0]["loss"]) <= 1e-8 * steps[0]["loss"], (name, ref, steps[0]["loss"])
     write_jsonl(os.path.join(TESTDATA, "train", name + ".jsonl"), rows)
     case = {
-        "model": model_file, "inject": {"targets": list(targets), "rank": rank, "alpha": alpha},
+        "model": model_file, "inject": dict({"targets": list(targets), "rank": rank, "alpha": alpha},
+                                             **({"modules_to_save": list(save)} if save else {})),
         "data": name + ".jsonl", "flags": flags,
         "initial": {k: tensor_json(v, "float32") for k, v in initial.items()},
         "expected": {"steps": steps, "final": {k: expected_json(v) for k, v in final.items()}},
     }
     dump_case(os.path.join(TESTDATA, "train", name + ".json"), case)
     init = np.concatenate([v.reshape(-1) for v in initial.values()]).astype(np.float64)
-    fin = np.concatenate([v.reshape(-1) for v in final.values()])
+    fin = np.concatenate([v.reshape(-1) for k, v in final.items() if k in initial])
     # smallest |gradient| relative to its tensor's largest, over all steps (Adam divides by it)
     tiny = min(float(np.abs(v).min() / np.abs(v).max()) for gr in grads for v in gr.values() if np.abs(v).max() > 0)
     print("ok  train/%-28s loss %.4f -> %.4f, grad_norm %.3g..%.3g, |final-initial|/|initial| %.2f, "
@@ -1530,6 +1534,10 @@ def build_train_cases():
     train_case("mlp-classifier-accum-cosine", "mlp-classifier.onnx", ["fc1", "fc2"], 4, 8, mlp_rows(364, 7),
                dict(cls, **{"steps": 4, "grad-accum": 2, "optimizer": "adamw", "lr-scheduler": "cosine",
                             "warmup-steps": 1, "max-grad-norm": 0.0}), seed=365, b_zero=True)
+    # A sequence-classification setup as PEFT's: LoRA on the body, the head trained whole.
+    train_case("mlp-classifier-modules-to-save", "mlp-classifier.onnx", ["fc1"], 4, 8, mlp_rows(366, 8),
+               dict(cls, **{"optimizer": "adamw", "lr": 0.02, "weight-decay": 0.01, "max-grad-norm": 1.0}),
+               seed=367, b_zero=True, save=["fc2"])
 
 
 # --------------------------------------------------------------------------
