@@ -93,7 +93,9 @@ func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
 		}
 		return b, ""
 	}
-	return nil, strings.Join(whys, "; or, as "+adapterInputBranch.Name+": ")
+	// The plain LoRA kind's reason comes first and is what a damaged
+	// branch usually shows; the others would only repeat it in their terms.
+	return nil, whys[0] + " (nor does it fit any other branch kind)"
 }
 
 // branchKinds are the kinds recognition knows, tried in order.
