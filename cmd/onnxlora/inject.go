@@ -232,6 +232,9 @@ func runInject(opts *InjectOptions) error {
 		}
 		fmt.Fprintf(ios.Out, "Dry run: would add %d adapter(s) to %s; nothing written.\n", len(added), opts.Model)
 		writeAdapterTable(ios.Out, added)
+		if names := savedNames(inj.Manifest); names != "" {
+			fmt.Fprintf(ios.Out, "Would train whole (modules_to_save): %s\n", names)
+		}
 		fmt.Fprintln(ios.Out, inj.String())
 		return nil
 	}
@@ -269,12 +272,8 @@ func runInject(opts *InjectOptions) error {
 	}
 	fmt.Fprintln(ios.Out, inj.String())
 	ios.Notef("wrote %s with %d new adapter(s): %s", opts.Output, len(added), summarizeModules(added))
-	if n := len(inj.Manifest.Saved); n > 0 {
-		names := make([]string, n)
-		for i, s := range inj.Manifest.Saved {
-			names[i] = s.Module
-		}
-		ios.Notef("trained whole (modules_to_save): %s", strings.Join(names, ", "))
+	if names := savedNames(inj.Manifest); names != "" {
+		ios.Notef("trained whole (modules_to_save): %s", names)
 	}
 	if opts.Manifest != "" {
 		ios.Notef("wrote the manifest to %s", opts.Manifest)
@@ -329,4 +328,13 @@ func summarizeModules(adapters []rewrite.Adapter) string {
 		}
 	}
 	return strings.Join(parts, ", ")
+}
+
+// savedNames lists the manifest's modules_to_save layers, "" for none.
+func savedNames(man *rewrite.Manifest) string {
+	names := make([]string, len(man.Saved))
+	for i, s := range man.Saved {
+		names[i] = s.Module
+	}
+	return strings.Join(names, ", ")
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -209,6 +210,39 @@ func TestInjectExistingAdapterRefused(t *testing.T) {
 	mustRun(t, "inject", first, "-o", second, "--target", "v_proj")
 	if got := len(readManifest(t, second).Adapters); got != 4 {
 		t.Errorf("%d adapters after two injections, want 4", got)
+	}
+}
+
+// TestInjectModulesToSave checks --modules-to-save at the command line:
+// the dry run names the layer, a name matching nothing and an export that
+// cannot hold whole weights each fail with one line and no output.
+func TestInjectModulesToSave(t *testing.T) {
+	dir := t.TempDir()
+	clf := model("mlp-classifier.onnx")
+	r := mustRun(t, "inject", clf, "--target", "fc1", "--modules-to-save", "fc2", "--dry-run")
+	if !strings.Contains(r.stdout, "Would train whole (modules_to_save): fc2") {
+		t.Errorf("dry run does not name the saved layer:\n%s", r.stdout)
+	}
+	bad := filepath.Join(dir, "bad.onnx")
+	r = run(t, "inject", clf, "--target", "fc1", "--modules-to-save", "head", "-o", bad)
+	if r.code != 1 || !strings.Contains(r.stderr, `"head" matches no`) || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("exit %d, stderr %q; want 1 and one line naming \"head\"", r.code, r.stderr)
+	}
+	if _, err := os.Stat(bad); !os.IsNotExist(err) {
+		t.Errorf("%s written after an error", bad)
+	}
+	inj := filepath.Join(dir, "inj.onnx")
+	mustRun(t, "inject", clf, "--target", "fc1", "--modules-to-save", "fc2", "-o", inj, "-q")
+	if m := readManifest(t, inj); len(m.Saved) != 1 || !slices.Contains(m.Trainable, "fc2.weight") || !slices.Contains(m.Trainable, "fc2.bias") {
+		t.Errorf("manifest saved %+v, trainable %v", m.Saved, m.Trainable)
+	}
+	file := filepath.Join(dir, "x.onnx_adapter")
+	r = run(t, "export-adapter", inj, "-o", file)
+	if r.code != 1 || !strings.Contains(r.stderr, "modules_to_save layer fc2") || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("exit %d, stderr %q; want 1 and one line about fc2", r.code, r.stderr)
+	}
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("%s written after an error", file)
 	}
 }
 
