@@ -46,11 +46,17 @@ func (bm *branchMatch) node(name string) *onnxpb.NodeProto {
 // the layer: presences the layer decides, the params' shapes, and that no
 // value between branch nodes has a reader outside the branch.
 func (k *branchKind) match(g *graph.Graph, root *onnxpb.NodeProto) (*branchMatch, string) {
+	return k.matchStacked(g, root, 0)
+}
+
+// matchStacked is match for a branch that depth others are stacked on
+// (inject --stack).
+func (k *branchKind) matchStacked(g *graph.Graph, root *onnxpb.NodeProto, depth int) (*branchMatch, string) {
 	spec := k.root()
 	if root.GetOpType() != spec.Op || !graph.IsStandardOp(root) || len(root.Input) != len(spec.In) || len(root.Output) != 1 {
 		return nil, fmt.Sprintf("not a %d-input %s", len(spec.In), spec.Op)
 	}
-	m := &matcher{k: k, g: g, root: root}
+	m := &matcher{k: k, g: g, root: root, stacked: depth}
 	if m.node(len(k.Nodes)-1, root.Output[0], "", m.final) {
 		return m.found, ""
 	}
@@ -60,9 +66,10 @@ func (k *branchKind) match(g *graph.Graph, root *onnxpb.NodeProto) (*branchMatch
 // matcher is one match in progress. Bindings are append-only slices, so
 // backtracking is truncating them to a saved length.
 type matcher struct {
-	k    *branchKind
-	g    *graph.Graph
-	root *onnxpb.NodeProto
+	k       *branchKind
+	g       *graph.Graph
+	root    *onnxpb.NodeProto
+	stacked int // branches stacked on this one (stackedBase)
 
 	base       *onnxpb.NodeProto
 	baseOutput string
@@ -223,7 +230,9 @@ func (m *matcher) operand(op operand, v, r string, next func() bool) bool {
 		return next()
 	case layerOutput:
 		p := m.g.Producer(v)
-		if p == nil || !slices.Contains(m.k.BaseOps, p.GetOpType()) || !isBaseNode(p) || len(p.Output) == 0 || p.Output[0] != v {
+		if inner := stackedBase(m.g, p, v, m.stacked); inner != nil && slices.Contains(m.k.BaseOps, inner.GetOpType()) {
+			p = inner // inject --stack: the layer's output passes another branch first
+		} else if p == nil || !slices.Contains(m.k.BaseOps, p.GetOpType()) || !isBaseNode(p) || len(p.Output) == 0 || p.Output[0] != v {
 			return m.fail("%s reads %q, which is not the output of a %s", m.label(r), v, strings.Join(m.k.BaseOps, " or "))
 		}
 		if m.base != nil && m.base != p {
@@ -407,4 +416,23 @@ func attrText(a *onnxpb.AttributeProto) any {
 		return a.GetF()
 	}
 	return string(a.S)
+}
+
+// maxStacked is how many adapters one layer may have (inject --stack):
+// recognition looks under a branch's root for another branch only this
+// deep, so residual chains of Adds cost a bounded number of tries.
+const maxStacked = 2
+
+// stackedBase returns the layer node under p when p is the root of another
+// branch (inject --stack puts a second branch on the first one's output),
+// else nil. depth counts the branches already stacked above p.
+func stackedBase(g *graph.Graph, p *onnxpb.NodeProto, v string, depth int) *onnxpb.NodeProto {
+	if depth+1 >= maxStacked || p == nil || p.GetOpType() != "Add" || len(p.Output) != 1 || p.Output[0] != v {
+		return nil
+	}
+	b, _ := recognizeAtDepth(g, p, depth+1)
+	if b == nil {
+		return nil
+	}
+	return b.Base
 }

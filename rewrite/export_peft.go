@@ -143,10 +143,16 @@ func exportable(m *graph.Model, only []string) ([]*foundAdapter, string, error) 
 		return nil, "", err
 	}
 	var chosen []*foundAdapter
+	seen := map[string]bool{}
 	for _, f := range found {
-		if sel[f.Module] {
-			chosen = append(chosen, f)
+		if !sel[f.Module] {
+			continue
 		}
+		if seen[f.Module] {
+			return nil, "", fmt.Errorf("module %s has stacked adapters (inject --stack); an adapter file holds one per module: merge them, or export before stacking", f.Module)
+		}
+		seen[f.Module] = true
+		chosen = append(chosen, f)
 	}
 	return chosen, source, nil
 }

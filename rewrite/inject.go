@@ -64,6 +64,10 @@ type InjectConfig struct {
 	// more expressive, only larger); the memory it needs is checked either
 	// way.
 	AllowLargeRank bool
+	// Stack lets a layer that already has an adapter take another beside
+	// it: y = base(x) + s1·(x·A1)·B1 + s2·(x·A2)·B2 (PEFT's several active
+	// adapters). Merge folds them all; a PEFT export holds one per layer.
+	Stack bool
 	// ModulesToSave names layers to train whole beside the adapters
 	// (PEFT's modules_to_save: a name is a module path or its last dotted
 	// segments): their weight and bias initializers become trainable and
@@ -168,8 +172,11 @@ func Inject(m *graph.Model, cfg InjectConfig) (*Injection, error) {
 	}
 	for _, s := range sel {
 		l := layers[s.Index]
-		if adapted[l.Module] {
-			return nil, fmt.Errorf("module %s already has an adapter; merge it first or exclude it", l.Module)
+		if adapted[l.Module] && cfg.Stack && stackedCount(man, l.Module) >= maxStacked {
+			return nil, fmt.Errorf("module %s already has %d adapters, the most a layer can take; merge them first", l.Module, maxStacked)
+		}
+		if adapted[l.Module] && !cfg.Stack {
+			return nil, fmt.Errorf("module %s already has an adapter; merge it first, exclude it, or add another beside it with --stack", l.Module)
 		}
 		a, err := injectOne(m, l, s.Rank, s.Alpha, cfg)
 		if err != nil {
@@ -491,4 +498,15 @@ func initA(module string, in, r int64, cfg InjectConfig) []float64 {
 		}
 	}
 	return vals
+}
+
+// stackedCount counts the manifest's adapters on module.
+func stackedCount(man *Manifest, module string) int {
+	n := 0
+	for _, a := range man.Adapters {
+		if a.Module == module {
+			n++
+		}
+	}
+	return n
 }

@@ -65,6 +65,10 @@ func (p *plan) finish() *MergeReport {
 	for _, u := range p.updates {
 		p.report.Merged = append(p.report.Merged, *u.rep)
 	}
+	for _, sr := range p.stacked {
+		sr.rep.MaxDelta, sr.rep.Changed, sr.rep.NonFinite = sr.into.rep.MaxDelta, sr.into.rep.Changed, sr.into.rep.NonFinite
+		p.report.Merged = append(p.report.Merged, *sr.rep)
+	}
 	return p.report
 }
 
@@ -73,18 +77,27 @@ func (p *plan) finish() *MergeReport {
 // the manifest entries of merged adapters out.
 func (p *plan) commitGraph() error {
 	for _, b := range p.branches {
+		// With stacked branches (inject --stack) the value under this one
+		// may come from another branch, and this one's root may already
+		// write what an outer branch wrote: look both up now.
+		nodes := b.nodes()
+		out := nodes[0].Output[0] // the root, first in nodes()
+		under := b.Graph.Producer(b.BaseOutput)
+		if under == nil {
+			under = b.Base
+		}
 		gone := map[string]bool{b.BaseOutput: true}
-		for _, n := range b.nodes() {
+		for _, n := range nodes {
 			if err := b.Graph.RemoveNode(n); err != nil {
 				return err
 			}
 			for _, o := range n.Output {
-				if o != b.Output {
+				if o != out {
 					gone[o] = true
 				}
 			}
 		}
-		b.Graph.SetOutput(b.Base, 0, b.Output)
+		b.Graph.SetOutput(under, 0, out)
 		vis := b.Graph.Proto.ValueInfo[:0]
 		for _, vi := range b.Graph.Proto.ValueInfo {
 			if !gone[vi.GetName()] {

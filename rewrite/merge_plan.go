@@ -25,7 +25,8 @@ type update struct {
 	u, v       []float64
 	load       func() (u, v []float64, err error) // decodes u and v when they are nil (factors)
 	coef       float64
-	out        []byte // the merged bytes, in memory mode
+	ax         *approxState // the certified kernel's state (merge_approx_amd64.go)
+	out        []byte       // the merged bytes, in memory mode
 	stats      mergeStats
 	// scale, when set, multiplies the result per output feature (DoRA's
 	// m/‖W+ΔW‖): per row when scaleRows (a weight stored [out, in]), else
@@ -79,6 +80,11 @@ type plan struct {
 	detached map[*onnxpb.NodeProto]bool
 	// quant are the merges into quantized layers (quant.go).
 	quant []*quantEdit
+	// stacking is set while a manifest adapter is planned: a second one
+	// on the same weight (inject --stack) joins the first one's update,
+	// listed in stacked.
+	stacking bool
+	stacked  []stackedRep
 }
 
 func newPlan(m *graph.Model, top *graph.Graph, opts MergeOptions, source string) (*plan, error) {
@@ -191,12 +197,16 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 		return nil
 	}
 	return p.addFactors(f, func(l *Layer, a, b []float64, r int, scaling float64, rep *MergedLayer) error {
-		if err := p.addUpdate(l, a, b, r, scaling, rep); err != nil {
+		n := len(p.updates)
+		p.stacking = true
+		err := p.addUpdate(l, a, b, r, scaling, rep)
+		p.stacking = false
+		if err != nil || len(p.updates) == n { // stacked into another update
 			return err
 		}
 		// A and B are decoded again by the job that merges them, so memory
 		// does not grow with the number of adapters (update.factors).
-		p.updates[len(p.updates)-1].lazyFactors(p.m, f.TA, f.TB)
+		p.updates[n].lazyFactors(p.m, f.TA, f.TB)
 		return nil
 	})
 }
@@ -293,6 +303,9 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 	}
 	for _, q := range p.updates {
 		if q.dst == u.dst {
+			if p.stacking && q.scale == nil && q.src == u.src && q.srcT == u.srcT {
+				return p.stackInto(q, u, l, a, b, storedT, rep)
+			}
 			return fmt.Errorf("weight %q would be merged twice (two adapters on one layer?)", w.Name)
 		}
 	}
@@ -317,6 +330,46 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 	rep.Elements = int64(u.rows) * int64(u.cols)
 	p.updates = append(p.updates, u)
 	return nil
+}
+
+// stackInto folds u, a second adapter on q's weight (inject --stack),
+// into q: dst = src + Σ coef_i·U_i·V_i becomes one update of rank r1+r2
+// with the coefficients in U, so the weight is still rounded once.
+func (p *plan) stackInto(q, u *update, l *Layer, a, b []float64, storedT bool, rep *MergedLayer) error {
+	if err := q.factors(); err != nil {
+		return err
+	}
+	q.load = nil // combined factors stay decoded
+	rows, cols, r := int(l.In), int(l.Out), u.r
+	uu, uv := a, b
+	if storedT {
+		rows, cols = int(l.Out), int(l.In)
+		uu, uv = transposeF64(b, r, int(l.Out)), transposeF64(a, int(l.In), r)
+	}
+	if rows != q.rows || cols != q.cols {
+		return fmt.Errorf("weight %q: stacked adapters see it as [%d, %d] and [%d, %d]", l.Weight.Name, q.rows, q.cols, rows, cols)
+	}
+	n := q.r + r
+	nu := make([]float64, rows*n)
+	for i := 0; i < rows; i++ {
+		for k := 0; k < q.r; k++ {
+			nu[i*n+k] = q.coef * q.u[i*q.r+k]
+		}
+		for k := 0; k < r; k++ {
+			nu[i*n+q.r+k] = u.coef * uu[i*r+k]
+		}
+	}
+	q.u, q.v, q.r, q.coef = nu, append(slices.Clone(q.v), uv...), n, 1
+	rep.Shape, rep.DType, rep.Transposed = q.rep.Shape, q.rep.DType, storedT
+	rep.Factor, rep.Elements = u.coef, q.rep.Elements
+	p.stacked = append(p.stacked, stackedRep{rep, q})
+	return nil
+}
+
+// stackedRep is the report of an adapter folded into another's update.
+type stackedRep struct {
+	rep  *MergedLayer
+	into *update
 }
 
 // hasOtherReaders reports whether value (defined in scope) is read by any

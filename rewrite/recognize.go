@@ -73,9 +73,15 @@ func findBranches(top *graph.Graph) []*branch {
 // returns the branch, or the reason it is not one (for error messages when
 // a manifest says it should be).
 func recognizeAt(g *graph.Graph, add *onnxpb.NodeProto) (*branch, string) {
+	return recognizeAtDepth(g, add, 0)
+}
+
+// recognizeAtDepth is recognizeAt for a branch that depth others are
+// stacked on.
+func recognizeAtDepth(g *graph.Graph, add *onnxpb.NodeProto, depth int) (*branch, string) {
 	var whys []string
 	for _, k := range branchKinds {
-		bm, why := k.match(g, add)
+		bm, why := k.matchStacked(g, add, depth)
 		if bm == nil {
 			whys = append(whys, why)
 			continue
@@ -220,10 +226,12 @@ func findAdapters(m *graph.Model, top *graph.Graph) ([]*foundAdapter, *Manifest,
 	var out []*foundAdapter
 	seen := map[string]bool{}
 	for i, a := range man.Adapters {
-		if seen[a.Module] {
+		// A module may have several adapters (inject --stack), each its own branch.
+		if key := a.Module + "\x00" + a.Output; seen[key] {
 			return nil, nil, "", fmt.Errorf("manifest lists module %s twice", a.Module)
+		} else {
+			seen[key] = true
 		}
-		seen[a.Module] = true
 		b, err := locateManifestBranch(top, a)
 		if err != nil {
 			return nil, nil, "", fmt.Errorf("adapter %s: %w", a.Module, err)

@@ -39,6 +39,8 @@ type InjectOptions struct {
 	DoRA bool
 	// AdapterDType is --adapter-dtype: float32 or layer.
 	AdapterDType string
+	// Stack is --stack.
+	Stack bool
 	// ModulesToSave is --modules-to-save.
 	ModulesToSave []string
 	conflicts     []string
@@ -116,6 +118,7 @@ is printed. When nothing matches, the command fails and lists the module paths.`
 	fl.BoolVar(&opts.AllowLargeRank, "allow-large-rank", false, "allow a rank above min(in, out) of a layer (refused by default: it adds size, not expressiveness)")
 	fl.StringVar(&opts.AdapterDType, "adapter-dtype", "float32", "type of lora_A/lora_B beside float16/bfloat16 layers: float32 (PEFT's, with Casts around the branch) or layer (the layer's own type)")
 	fl.BoolVar(&opts.AdapterInputs, "adapter-inputs", false, "make lora_A/lora_B graph inputs with rank-0 defaults, the scaling in B, for ONNX Runtime's .onnx_adapter files (docs/serving.md)")
+	fl.BoolVar(&opts.Stack, "stack", false, "add an adapter beside the one a layer already has (refused by default); merge folds both")
 	fl.StringSliceVar(&opts.ModulesToSave, "modules-to-save", nil, "layers to train whole beside the adapters, e.g. classifier or score (PEFT modules_to_save; export-adapter writes them in full)")
 	fl.StringVar(&opts.Manifest, "manifest", "", "also write the adapters' manifest as JSON to this file")
 	fl.BoolVar(&opts.DryRun, "dry-run", false, "print the layers that would be adapted and write nothing")
@@ -161,6 +164,7 @@ func (o *InjectOptions) validate() error {
 	o.config = rewrite.InjectConfig{SelectOptions: sel, RSLoRA: o.RSLoRA, Dropout: o.Dropout, Init: init, Seed: o.Seed, AdapterInputs: o.AdapterInputs, AllowLargeRank: o.AllowLargeRank}
 	o.config.DoRA = o.DoRA
 	o.config.ModulesToSave = o.ModulesToSave
+	o.config.Stack = o.Stack
 	switch strings.ToLower(o.AdapterDType) {
 	case "float32", "float", "fp32":
 		o.config.AdapterDType = graph.Float
