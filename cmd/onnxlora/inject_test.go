@@ -246,6 +246,40 @@ func TestInjectModulesToSave(t *testing.T) {
 	}
 }
 
+// TestInjectStack checks --stack at the command line: a second adapter
+// beside the first, a third refused, exports refused, merge folding both.
+func TestInjectStack(t *testing.T) {
+	dir := t.TempDir()
+	one, two := filepath.Join(dir, "one.onnx"), filepath.Join(dir, "two.onnx")
+	mustRun(t, "inject", model("tiny-gpt.onnx"), "-o", one, "--target", "q_proj", "-q")
+	r := run(t, "inject", one, "-o", two, "--target", "q_proj")
+	if r.code != 1 || !strings.Contains(r.stderr, "--stack") {
+		t.Errorf("exit %d, stderr %q; want 1 and a hint at --stack", r.code, r.stderr)
+	}
+	mustRun(t, "inject", one, "-o", two, "--target", "q_proj", "--stack", "-r", "2", "-q")
+	if got := len(readManifest(t, two).Adapters); got != 4 {
+		t.Errorf("%d adapters after stacking, want 4", got)
+	}
+	r = run(t, "inject", two, "-o", filepath.Join(dir, "three.onnx"), "--target", "q_proj", "--stack")
+	if r.code != 1 || !strings.Contains(r.stderr, "the most a layer can take") || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("third adapter: exit %d, stderr %q", r.code, r.stderr)
+	}
+	r = run(t, "export-adapter", two, "-o", filepath.Join(dir, "peft"))
+	if r.code != 1 || !strings.Contains(r.stderr, "stacked adapters") || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("export: exit %d, stderr %q", r.code, r.stderr)
+	}
+	merged := filepath.Join(dir, "merged.onnx")
+	mustRun(t, "merge", two, "-o", merged, "-q")
+	m, err := graph.Load(merged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if man, err := rewrite.ReadManifest(m); err != nil || man != nil {
+		t.Errorf("merged model keeps a manifest (%v)", err)
+	}
+}
+
 func TestInjectRefusesOutputEqualToInput(t *testing.T) {
 	dir := t.TempDir()
 	in := filepath.Join(dir, "m.onnx")
