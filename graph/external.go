@@ -57,7 +57,7 @@ func (m *Model) externalRef(t *onnxpb.TensorProto) (ExternalRef, error) {
 	if ref.Location == "" {
 		return fail("no location")
 	}
-	path, err := resolveInside(m.dir, ref.Location)
+	path, err := m.resolve(ref.Location)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -89,6 +89,19 @@ func (m *Model) externalRef(t *onnxpb.TensorProto) (ExternalRef, error) {
 		}
 	}
 	return ref, nil
+}
+
+// resolve is resolveInside for the model's folder, remembered per location
+// (failures are not, so a fixed folder is seen).
+func (m *Model) resolve(location string) (string, error) {
+	if p, ok := m.resolved.Load(location); ok {
+		return p.(string), nil
+	}
+	p, err := resolveInside(m.dir, location)
+	if err == nil {
+		m.resolved.Store(location, p)
+	}
+	return p, err
 }
 
 // resolveInside joins a relative location to dir and refuses anything that

@@ -29,6 +29,10 @@ type Model struct {
 
 	mu    sync.Mutex
 	files map[string]*os.File // open external data files by resolved path
+
+	// resolved caches resolveInside by location: every tensor of a data
+	// file names the same location, and resolving walks each component.
+	resolved sync.Map
 }
 
 // Load reads the ONNX model at path. External data is validated (it must stay

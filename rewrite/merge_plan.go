@@ -195,6 +195,9 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 		p.branches = append(p.branches, f.branch)
 		return nil
 	}
+	if !p.planned(f.Layer.Weight.Tensor) {
+		return p.addLazy(f)
+	}
 	return p.addFactors(f, func(l *Layer, a, b []float64, r int, scaling float64, rep *MergedLayer) error {
 		n := len(p.updates)
 		p.stacking = true
@@ -208,6 +211,32 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 		p.updates[n].lazyFactors(p.m, f.TA, f.TB)
 		return nil
 	})
+}
+
+// planned reports whether an update already writes w (a stacked adapter's
+// first one).
+func (p *plan) planned(w *onnxpb.TensorProto) bool {
+	return slices.ContainsFunc(p.updates, func(q *update) bool { return q.dst == w })
+}
+
+// addLazy plans f's update from the shapes of A and B alone: the job that
+// merges them decodes them (update.factors), so planning reads no factor
+// bytes and memory does not grow with the number of adapters.
+func (p *plan) addLazy(f *foundAdapter) error {
+	l, r := f.Layer, f.Rank
+	na, errA := graph.NumElements(f.TA.GetDims())
+	nb, errB := graph.NumElements(f.TB.GetDims())
+	if errA != nil || errB != nil || na != l.In*int64(r) || nb != int64(r)*l.Out {
+		return fmt.Errorf("factors %v and %v do not fit a [%d, %d] layer at rank %d", f.TA.GetDims(), f.TB.GetDims(), l.In, l.Out, r)
+	}
+	rep := &MergedLayer{Module: f.Module, Rank: f.Rank, Alpha: f.Alpha, Scaling: f.Scaling}
+	n := len(p.updates)
+	if err := p.addUpdate(l, nil, nil, r, f.Scaling, rep); err != nil {
+		return err
+	}
+	p.updates[n].lazyFactors(p.m, f.TA, f.TB)
+	p.branches = append(p.branches, f.branch)
+	return nil
 }
 
 // addFactors reads f's A and B, plans their update of f's layer with add
@@ -239,7 +268,8 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 	if w.Constant != nil && graph.Attr(w.Constant, "value") == nil {
 		return fmt.Errorf("weight %q is a Constant node without a tensor value", w.Name)
 	}
-	if int64(len(a)) != l.In*int64(r) || int64(len(b)) != int64(r)*l.Out {
+	lazy := a == nil && b == nil // addLazy checked the shapes
+	if !lazy && (int64(len(a)) != l.In*int64(r) || int64(len(b)) != int64(r)*l.Out) {
 		return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", len(a), len(b), l.In, l.Out, r)
 	}
 	u := &update{rep: rep, src: w.Tensor, dst: w.Tensor, r: r, coef: scaling * p.opts.Scale / l.Alpha}
@@ -313,7 +343,9 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 	// order, so the result is bitwise the same as for the [in, out] layout.
 	if storedT {
 		u.rows, u.cols = int(l.Out), int(l.In)
-		u.u, u.v = transposeF64(b, r, int(l.Out)), transposeF64(a, int(l.In), r)
+		if !lazy {
+			u.u, u.v = transposeF64(b, r, int(l.Out)), transposeF64(a, int(l.In), r)
+		}
 	} else {
 		u.rows, u.cols = int(l.In), int(l.Out)
 		u.u, u.v = a, b

@@ -327,8 +327,10 @@ func (p *plan) stream(path string, opts graph.SaveOptions) (rep *MergeReport, er
 	return p.finish(), nil
 }
 
-// streamChunk is how many bytes of a weight a worker handles at a time.
-const streamChunk = 4 << 20
+// streamChunk is how many bytes of a weight a worker handles at a time:
+// 1 MiB keeps a chunk's source and result in the L2 cache (4 MiB cost a
+// third more system time in pread and pwrite, and 25 MiB more RSS).
+const streamChunk = 1 << 20
 
 // runJob writes one tensor's bytes into the data file.
 func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*update]streamSource) error {
