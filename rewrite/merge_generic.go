@@ -13,3 +13,10 @@ func rankProductSIMD(acc, urow, v []float64, stride, off int) bool { return fals
 func fusedRowSIMD(dt graph.DataType, drow, srow []byte, acc []float64, coef float64, st *mergeStats) bool {
 	return false
 }
+
+// approxState is the certified kernel's state; there is none here.
+type approxState struct{ max float64 }
+
+func (u *update) approx() *approxState { return nil }
+
+func (ax *approxState) row(u *update, drow, srow []byte, p, c0, n int, st *mergeStats) int { return 0 }

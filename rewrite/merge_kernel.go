@@ -19,6 +19,10 @@ import (
 // rows (src in u.src's type, already in dst's layout). scratch needs room
 // for 2·cols values.
 //
+// With the certified kernel (merge_approx_amd64.go) the returned maxAbs
+// leaves out elements no larger than the maximum of earlier calls for u:
+// callers combine chunks with mergeStats.add, which gives the true total.
+//
 // Columns are done in tiles so that the tile of V (r·tile values) stays in
 // the CPU cache while every row of the chunk goes past it; the arithmetic
 // is the same as row by row.
@@ -27,11 +31,19 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 	sdt, ddt := graph.DataType(u.src.GetDataType()), graph.DataType(u.dst.GetDataType())
 	sw, dw := sdt.BitSize()/8, ddt.BitSize()/8
 	var st mergeStats
-	for c0 := 0; c0 < cols; c0 += mergeTile {
-		c1 := min(c0+mergeTile, cols)
-		acc, w := scratch[:c1-c0], scratch[cols:cols+c1-c0]
+	ax := u.approx()
+	for t0 := 0; t0 < cols; t0 += mergeTile {
+		t1 := min(t0+mergeTile, cols)
 		for i := 0; i < n; i++ {
 			p := p0 + i
+			c0, c1 := t0, t1
+			if ax != nil {
+				c0 += ax.row(u, dst[(i*cols+c0)*dw:], src[(i*cols+c0)*sw:], p, c0, c1-c0, &st)
+				if c0 == c1 {
+					continue
+				}
+			}
+			acc, w := scratch[:c1-c0], scratch[cols:cols+c1-c0]
 			urow := u.u[p*r : (p+1)*r]
 			if !useSIMD || !rankProductSIMD(acc, urow, u.v, cols, c0) {
 				rankProduct(acc, urow, u.v, cols, c0)
@@ -66,6 +78,9 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 			st.nonFinite += countNonFinite(ddt, drow)
 		}
 	}
+	if ax != nil {
+		ax.max = max(ax.max, st.maxAbs)
+	}
 	return st
 }
 
@@ -74,7 +89,7 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 // them, in u's orientation.
 func (u *update) lazyFactors(m *graph.Model, ta, tb *onnxpb.TensorProto) {
 	transposed, r, rows, cols := u.rep.Transposed, u.r, u.rows, u.cols
-	u.u, u.v = nil, nil
+	u.u, u.v, u.ax = nil, nil, nil
 	u.load = func() ([]float64, []float64, error) {
 		a, err := m.Float64s(ta)
 		if err != nil {
@@ -110,7 +125,7 @@ func (u *update) factors() error {
 // release drops factors that factors can decode again.
 func (u *update) release() {
 	if u.load != nil {
-		u.u, u.v = nil, nil
+		u.u, u.v, u.ax = nil, nil, nil
 	}
 }
 

@@ -25,7 +25,8 @@ type update struct {
 	u, v       []float64
 	load       func() (u, v []float64, err error) // decodes u and v when they are nil (factors)
 	coef       float64
-	out        []byte // the merged bytes, in memory mode
+	ax         *approxState // the certified kernel's state (merge_approx_amd64.go)
+	out        []byte       // the merged bytes, in memory mode
 	stats      mergeStats
 	// scale, when set, multiplies the result per output feature (DoRA's
 	// m/‖W+ΔW‖): per row when scaleRows (a weight stored [out, in]), else
