@@ -86,16 +86,28 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 
 // lazyFactors drops u's decoded factors and has factors decode them again
 // from the adapter's tensors ta [in, r] and tb [r, out] when a job needs
-// them, in u's orientation.
+// them.
 func (u *update) lazyFactors(m *graph.Model, ta, tb *onnxpb.TensorProto) {
-	transposed, r, rows, cols := u.rep.Transposed, u.r, u.rows, u.cols
-	u.u, u.v, u.ax = nil, nil, nil
-	u.load = func() ([]float64, []float64, error) {
+	u.lazyFrom(func() ([]float64, []float64, error) {
 		a, err := m.Float64s(ta)
 		if err != nil {
 			return nil, nil, err
 		}
 		b, err := m.Float64s(tb)
+		if err != nil {
+			return nil, nil, err
+		}
+		return a, b, nil
+	})
+}
+
+// lazyFrom drops u's decoded factors and has factors get them from load,
+// which returns A [in, r] and B [r, out], and turn them to u's orientation.
+func (u *update) lazyFrom(load func() (a, b []float64, err error)) {
+	transposed, r, rows, cols := u.rep.Transposed, u.r, u.rows, u.cols
+	u.u, u.v, u.ax = nil, nil, nil
+	u.load = func() ([]float64, []float64, error) {
+		a, b, err := load()
 		if err != nil {
 			return nil, nil, err
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
 )
 
@@ -122,22 +123,25 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 	if l.Op == opConv {
 		return p.addPEFTConv(as)
 	}
-	// PEFT's A [r, in] and B [out, r] (for embeddings [r, vocab] and
-	// [dim, r]) are the transposes of the x·W factors A [in, r], B [r, out].
 	r := mod.Rank
-	a := make([]float64, mod.InFeatures*r)
-	for k := 0; k < r; k++ {
-		for i := 0; i < mod.InFeatures; i++ {
-			a[i*r+k] = float64(mod.A[k*mod.InFeatures+i])
-		}
-	}
-	b := make([]float64, r*mod.OutFeatures)
-	for j := 0; j < mod.OutFeatures; j++ {
-		for k := 0; k < r; k++ {
-			b[k*mod.OutFeatures+j] = float64(mod.B[j*r+k])
-		}
-	}
 	rep := &MergedLayer{Module: l.Module, PEFTModule: mod.Name, Rank: r, Alpha: mod.Alpha, Scaling: mod.Scaling}
+	if l.Quant == nil && mod.Magnitude == nil && !p.planned(l.Weight.Tensor) {
+		// The job that merges the module converts its factors, so memory
+		// holds the adapter file's values once, not also in float64.
+		if int64(len(mod.A)) != l.In*int64(r) || int64(len(mod.B)) != int64(r)*l.Out {
+			return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", len(mod.A), len(mod.B), l.In, l.Out, r)
+		}
+		n := len(p.updates)
+		if err := p.addUpdate(l, nil, nil, r, mod.Scaling, rep); err != nil {
+			return err
+		}
+		p.updates[n].lazyFrom(func() ([]float64, []float64, error) {
+			a, b := peftFactors(mod)
+			return a, b, nil
+		})
+		return nil
+	}
+	a, b := peftFactors(mod)
 	if l.Quant != nil {
 		return p.addQuantUpdate(l, a, b, r, mod.Scaling, rep)
 	}
@@ -145,4 +149,24 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 		return p.addPEFTDoRA(l, mod, a, b, rep)
 	}
 	return p.addUpdate(l, a, b, r, mod.Scaling, rep)
+}
+
+// peftFactors returns a module's factors as A [in, r] and B [r, out]:
+// PEFT's A [r, in] and B [out, r] (for embeddings [r, vocab] and [dim, r])
+// are their transposes.
+func peftFactors(mod *export.PEFTModule) (a, b []float64) {
+	r := mod.Rank
+	a = make([]float64, mod.InFeatures*r)
+	for k := 0; k < r; k++ {
+		for i := 0; i < mod.InFeatures; i++ {
+			a[i*r+k] = float64(mod.A[k*mod.InFeatures+i])
+		}
+	}
+	b = make([]float64, r*mod.OutFeatures)
+	for j := 0; j < mod.OutFeatures; j++ {
+		for k := 0; k < r; k++ {
+			b[k*mod.OutFeatures+j] = float64(mod.B[j*r+k])
+		}
+	}
+	return a, b
 }
