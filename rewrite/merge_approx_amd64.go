@@ -60,10 +60,16 @@ type approxState struct {
 	ca       []float32 // per column: ‖v_q‖, rounded up, at least 2^-40
 	mu       []float32 // per row: c·‖u_p‖, rounded up
 	vt       []float64 // V transposed, for the lanes computed exactly
+	r        int       // the rank: vt's column length
 	k1, c    float32
 	max      float64 // the exact maximum |delta| of the elements merged so far
 	acc      []float32
 	masks    []byte
+	// The failed lanes of a call, gathered: columns, exact sums, and the
+	// stored and merged values, so that fusedRow runs once per call.
+	fail       []int
+	sums       []float64
+	gsrc, gdst []byte
 }
 
 // The float32 kernel needs every factor in a range where its products
@@ -117,7 +123,7 @@ func (u *update) approx() *approxState {
 	}
 	// Σk |u_k|·|v_kq| <= ‖u‖·‖v_q‖ (Cauchy-Schwarz); a column's norm is
 	// at least 2^-40 so that E also covers float32 underflow.
-	ax.ca = make([]float32, cols)
+	ax.ca, ax.r = make([]float32, cols), r
 	ax.vt = make([]float64, len(u.v))
 	for q := range ax.ca {
 		s := 0.0
@@ -140,6 +146,8 @@ func (u *update) approx() *approxState {
 	}
 	ax.k1 = float32(ac * (1 + 0x1p-16))
 	ax.acc, ax.masks = make([]float32, mergeTile), make([]byte, mergeTile/8)
+	ax.fail, ax.sums = make([]int, 0, mergeTile), make([]float64, mergeTile)
+	ax.gsrc, ax.gdst = make([]byte, 2*mergeTile), make([]byte, 2*mergeTile)
 	ax.ok = true
 	return ax
 }
@@ -179,44 +187,48 @@ func (ax *approxState) row(u *update, drow, srow []byte, p, c0, n int, st *merge
 		certBF16AVX2(drow, srow, acc, ax.ca[c0:c0+n8], &prm, masks, &cs)
 	}
 	st.changed += cs.pass - cs.equal
-	// The failed lanes, four at a time: four independent sums (each in
-	// rankProduct's order) keep the CPU busy.
+	fail := ax.fail[:0]
+	for g, m := range masks {
+		for m != 0 {
+			fail = append(fail, g*8+bits.TrailingZeros8(m))
+			m &= m - 1
+		}
+	}
+	if len(fail) == 0 {
+		return n8
+	}
+	// The failed lanes' exact sums, each in rankProduct's order, four at a
+	// time (independent sums keep the CPU busy), then one fusedRow over
+	// them all.
 	urow := u.u[p*r : (p+1)*r]
-	var lanes [4]int
-	var sums [4]float64
-	nl := 0
-	flush := func() {
+	sums := ax.sums[:len(fail)]
+	last := len(fail) - 1
+	for i := 0; i <= last; i += 4 {
+		// A short last group repeats its last lane.
+		i1, i2, i3 := min(i+1, last), min(i+2, last), min(i+3, last)
+		v0, v1, v2, v3 := ax.col(c0+fail[i]), ax.col(c0+fail[i1]), ax.col(c0+fail[i2]), ax.col(c0+fail[i3])
 		var a0, a1, a2, a3 float64
-		v0, v1, v2, v3 := ax.col(c0+lanes[0]), ax.col(c0+lanes[1%nl]), ax.col(c0+lanes[2%nl]), ax.col(c0+lanes[3%nl])
 		for k, uk := range urow {
 			a0 += float64(uk * v0[k])
 			a1 += float64(uk * v1[k])
 			a2 += float64(uk * v2[k])
 			a3 += float64(uk * v3[k])
 		}
-		sums = [4]float64{a0, a1, a2, a3}
-		for i, q := range lanes[:nl] {
-			fusedRow(dt, drow[2*q:2*q+2], srow[2*q:2*q+2], sums[i:i+1], u.coef, st)
-		}
-		nl = 0
+		sums[i], sums[i1], sums[i2], sums[i3] = a0, a1, a2, a3
 	}
-	for g, m := range masks {
-		for m != 0 {
-			lanes[nl] = g*8 + bits.TrailingZeros8(m)
-			m &= m - 1
-			if nl++; nl == 4 {
-				flush()
-			}
-		}
+	gs, gd := ax.gsrc[:2*len(fail)], ax.gdst[:2*len(fail)]
+	for i, q := range fail {
+		gs[2*i], gs[2*i+1] = srow[2*q], srow[2*q+1]
 	}
-	if nl > 0 {
-		flush()
+	fusedRow(dt, gd, gs, sums, u.coef, st)
+	for i, q := range fail {
+		drow[2*q], drow[2*q+1] = gd[2*i], gd[2*i+1]
 	}
 	return n8
 }
 
 // col is column q of V, contiguous.
 func (ax *approxState) col(q int) []float64 {
-	r := len(ax.vt) / len(ax.ca)
+	r := ax.r
 	return ax.vt[q*r : (q+1)*r : (q+1)*r]
 }
