@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"runtime"
 	"sort"
 	"strconv"
+	"sync"
 
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
@@ -264,7 +266,11 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 
 	if man != nil {
 		g := m.Graph()
-		for _, a := range man.Adapters {
+		var norms []normResult
+		if !opts.SkipNorms {
+			norms = deltaNorms(m, g, man.Adapters)
+		}
+		for i, a := range man.Adapters {
 			ai := Adapter{
 				Module: a.Module, Node: a.Node, Op: a.Op, Rank: a.Rank, Alpha: a.Alpha,
 				Scaling: a.Scaling, RSLoRA: a.RSLoRA, In: a.InFeatures, Out: a.OutFeatures,
@@ -272,11 +278,10 @@ func Build(m *graph.Model, opts Options) (*Report, error) {
 				Params: a.Params(),
 			}
 			if !opts.SkipNorms {
-				norm, err := deltaNorm(m, g, &a)
-				if err != nil {
+				if err := norms[i].err; err != nil {
 					ai.Error = err.Error()
 				} else {
-					ai.Norm = &norm
+					ai.Norm = &norms[i].norm
 				}
 			}
 			r.Adapters = append(r.Adapters, ai)
@@ -401,6 +406,34 @@ func (r *Report) buildSelection(layers []*rewrite.Layer, adapted map[string]*rew
 	return nil
 }
 
+// normResult is one adapter's deltaNorm.
+type normResult struct {
+	norm float64
+	err  error
+}
+
+// deltaNorms computes deltaNorm for every adapter, on all CPUs.
+func deltaNorms(m *graph.Model, g *graph.Graph, adapters []rewrite.Adapter) []normResult {
+	out := make([]normResult, len(adapters))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), len(adapters)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				out[i].norm, out[i].err = deltaNorm(m, g, &adapters[i])
+			}
+		}()
+	}
+	for i := range adapters {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	return out
+}
+
 // deltaNorm computes ||scaling·A·B||_F. With A [in, r] and B [r, out],
 // ||A·B||_F² = Σ_pq (AᵀA)_pq (B·Bᵀ)_pq, so only two r×r matrices are formed.
 func deltaNorm(m *graph.Model, g *graph.Graph, a *rewrite.Adapter) (float64, error) {
@@ -441,25 +474,38 @@ func deltaNorm(m *graph.Model, g *graph.Graph, a *rewrite.Adapter) (float64, err
 			scaling = sv[0]
 		}
 	}
+	// Both Gram matrices are symmetric, bit for bit (the same products in
+	// the same order), so only q >= p is summed.
 	ga := make([]float64, r*r)
 	for i := 0; i < in; i++ {
 		row := av[i*r : (i+1)*r]
-		for p := 0; p < r; p++ {
-			for q := 0; q < r; q++ {
-				ga[p*r+q] += row[p] * row[q]
+		for p, rp := range row {
+			gp := ga[p*r+p : (p+1)*r]
+			for q, rq := range row[p:] {
+				gp[q] += rp * rq
 			}
 		}
 	}
-	sum := 0.0
+	hb := make([]float64, r*r)
 	for p := 0; p < r; p++ {
 		bp := bv[p*out : (p+1)*out]
-		for q := 0; q < r; q++ {
+		for q := p; q < r; q++ {
 			bq := bv[q*out : (q+1)*out]
 			h := 0.0
 			for j := range bp {
 				h += bp[j] * bq[j]
 			}
-			sum += ga[p*r+q] * h
+			hb[p*r+q] = h
+		}
+	}
+	sum := 0.0
+	for p := 0; p < r; p++ {
+		for q := 0; q < r; q++ {
+			i := p*r + q
+			if q < p {
+				i = q*r + p
+			}
+			sum += ga[i] * hb[i]
 		}
 	}
 	// Rounding errors can make a tiny sum negative.
