@@ -131,12 +131,15 @@ func (p *plan) streamInline(path string, opts graph.SaveOptions) (*MergeReport, 
 	files := &fileSet{files: map[string]*os.File{}}
 	defer files.close()
 	err = pw.CommitWith(func(f *os.File) error {
-		if err := layout.WriteTo(f); err != nil {
-			return err
+		// The graph and the unchanged weights (every write at its own
+		// offset) are one more job, beside the merges that fill the holes.
+		merged := int64(0)
+		for _, n := range pending {
+			merged += n
 		}
-		jobs := make([]*streamJob, len(p.updates))
-		for i, u := range p.updates {
-			jobs[i] = &streamJob{t: u.dst, offset: layout.Offsets[u.dst], size: pending[u.dst], upd: u}
+		jobs := []*streamJob{{size: layout.Size - merged, write: layout.WriteTo}}
+		for _, u := range p.updates {
+			jobs = append(jobs, &streamJob{t: u.dst, offset: layout.Offsets[u.dst], size: pending[u.dst], upd: u})
 		}
 		if err := p.runJobs(path, jobs, f, files, sources); err != nil {
 			return err
@@ -160,6 +163,9 @@ func (p *plan) runJobs(path string, jobs []*streamJob, out *os.File, files *file
 	return parallel(len(jobs), func(i int) error {
 		j := jobs[order[i]]
 		if err := p.runJob(j, out, files, sources); err != nil {
+			if j.t == nil {
+				return fmt.Errorf("%s: %w", path, err)
+			}
 			return fmt.Errorf("%s: tensor %q: %w", path, j.t.GetName(), err)
 		}
 		if u := j.upd; u != nil && p.opts.Safe && u.stats.nonFinite > 0 {
@@ -180,9 +186,10 @@ type streamJob struct {
 	t      *onnxpb.TensorProto
 	offset int64
 	size   int64
-	ext    *graph.ExternalRef // copy these bytes from an input data file
-	raw    []byte             // or write these
-	upd    *update            // or compute the merge
+	ext    *graph.ExternalRef   // copy these bytes from an input data file
+	raw    []byte               // or write these
+	write  func(*os.File) error // or write the rest of the file (t is nil)
+	upd    *update              // or compute the merge
 }
 
 // streamSource is where an update reads its base values from.
@@ -335,6 +342,8 @@ const streamChunk = 1 << 20
 // runJob writes one tensor's bytes into the data file.
 func (p *plan) runJob(j *streamJob, out *os.File, files *fileSet, sources map[*update]streamSource) error {
 	switch {
+	case j.write != nil:
+		return j.write(out)
 	case j.raw != nil:
 		_, err := out.WriteAt(j.raw, j.offset)
 		return err
