@@ -474,38 +474,18 @@ func deltaNorm(m *graph.Model, g *graph.Graph, a *rewrite.Adapter) (float64, err
 			scaling = sv[0]
 		}
 	}
-	// Both Gram matrices are symmetric, bit for bit (the same products in
-	// the same order), so only q >= p is summed.
-	ga := make([]float64, r*r)
-	for i := 0; i < in; i++ {
-		row := av[i*r : (i+1)*r]
-		for p, rp := range row {
-			gp := ga[p*r+p : (p+1)*r]
-			for q, rq := range row[p:] {
-				gp[q] += rp * rq
-			}
-		}
-	}
-	hb := make([]float64, r*r)
-	for p := 0; p < r; p++ {
-		bp := bv[p*out : (p+1)*out]
-		for q := p; q < r; q++ {
-			bq := bv[q*out : (q+1)*out]
-			h := 0.0
-			for j := range bp {
-				h += bp[j] * bq[j]
-			}
-			hb[p*r+q] = h
-		}
-	}
+	// ||A·B||_F² from the upper halves of the two symmetric Gram matrices,
+	// each entry a dot product of A's columns or B's rows.
+	at := transposed(av, in, r) // A's columns, contiguous
 	sum := 0.0
 	for p := 0; p < r; p++ {
-		for q := 0; q < r; q++ {
-			i := p*r + q
-			if q < p {
-				i = q*r + p
+		ap, bp := at[p*in:(p+1)*in], bv[p*out:(p+1)*out]
+		for q := p; q < r; q++ {
+			g := dot(ap, at[q*in:(q+1)*in]) * dot(bp, bv[q*out:(q+1)*out])
+			if q != p {
+				g *= 2
 			}
-			sum += ga[i] * hb[i]
+			sum += g
 		}
 	}
 	// Rounding errors can make a tiny sum negative.
@@ -513,6 +493,23 @@ func deltaNorm(m *graph.Model, g *graph.Graph, a *rewrite.Adapter) (float64, err
 		sum = 0
 	}
 	return round6(math.Abs(scaling) * math.Sqrt(sum)), nil
+}
+
+// dot is x·y with four partial sums, so the additions overlap.
+func dot(x, y []float64) float64 {
+	y = y[:len(x)]
+	var s0, s1, s2, s3 float64
+	i := 0
+	for ; i+4 <= len(x); i += 4 {
+		s0 += x[i] * y[i]
+		s1 += x[i+1] * y[i+1]
+		s2 += x[i+2] * y[i+2]
+		s3 += x[i+3] * y[i+3]
+	}
+	for ; i < len(x); i++ {
+		s0 += x[i] * y[i]
+	}
+	return (s0 + s1) + (s2 + s3)
 }
 
 // findInitializer looks name up in the graph called graphName (the main
