@@ -40,10 +40,11 @@ type PEFTModule struct {
 	Rank        int
 	InFeatures  int
 	OutFeatures int
-	Alpha       float64   // resolved through alpha_pattern
-	Scaling     float64   // Alpha/Rank, or Alpha/sqrt(Rank) with use_rslora
-	A           []float32 // lora_A weight, [Rank, InFeatures] row-major
-	B           []float32 // lora_B weight, [OutFeatures, Rank] row-major
+	Alpha       float64 // resolved through alpha_pattern
+	Scaling     float64 // Alpha/Rank, or Alpha/sqrt(Rank) with use_rslora
+	// A and B are nil from ReadPEFTDirLazy until Load; Factors reads them.
+	A []float32 // lora_A weight, [Rank, InFeatures] row-major
+	B []float32 // lora_B weight, [OutFeatures, Rank] row-major
 	// Embedding marks LoRA on an nn.Embedding: the keys are
 	// <module>.lora_embedding_A and .lora_embedding_B (parameters, no
 	// ".weight"), A is [Rank, num_embeddings] and B [embedding_dim, Rank],
@@ -61,6 +62,8 @@ type PEFTModule struct {
 	// [OutFeatures] for Linear and [1, OutFeatures, 1…] for Conv.
 	Magnitude []float32
 	KeyM      string
+
+	src *SafetensorsFile // where Factors reads A and B (ReadPEFTDirLazy)
 }
 
 // PEFTSaved is one tensor of a modules_to_save module: a full trained copy
@@ -85,6 +88,49 @@ type PEFTAdapter struct {
 	Config  *PEFTConfig
 	Modules []PEFTModule // LoRA modules, sorted by Name
 	Saved   []PEFTSaved  // modules_to_save tensors, sorted by Module, Param
+
+	file *SafetensorsFile // open while the modules' factors are unread
+}
+
+// Close closes the weights file ReadPEFTDirLazy left open; after it,
+// Factors and Load work only for modules already loaded.
+func (a *PEFTAdapter) Close() error {
+	if a.file == nil {
+		return nil
+	}
+	err := a.file.Close()
+	a.file = nil
+	for i := range a.Modules {
+		a.Modules[i].src = nil
+	}
+	return err
+}
+
+// Factors returns the module's A and B: those it holds, or else read from
+// the adapter file (ReadPEFTDirLazy) without keeping them.
+func (m *PEFTModule) Factors() (a, b []float32, err error) {
+	if m.A != nil && m.B != nil {
+		return m.A, m.B, nil
+	}
+	if m.src == nil {
+		return nil, nil, fmt.Errorf("peft module %s: its factors were not read and the adapter file is closed", m.Name)
+	}
+	if a, err = m.src.ReadFloat32(m.KeyA); err != nil {
+		return nil, nil, err
+	}
+	if b, err = m.src.ReadFloat32(m.KeyB); err != nil {
+		return nil, nil, err
+	}
+	return a, b, nil
+}
+
+// Load reads the module's A and B into it when they are not there yet.
+func (m *PEFTModule) Load() error {
+	a, b, err := m.Factors()
+	if err == nil {
+		m.A, m.B = a, b
+	}
+	return err
 }
 
 // ShapeA returns the lora_A weight shape [Rank, InFeatures] ([Rank,
@@ -145,34 +191,50 @@ func ReadPEFTAdapter(dir string) (*PEFTConfig, []PEFTModule, error) {
 // ReadPEFTDir reads a PEFT LoRA adapter directory with its embedding LoRA
 // modules and its modules_to_save tensors.
 func ReadPEFTDir(dir string) (*PEFTAdapter, error) {
+	return readPEFTDir(dir, false)
+}
+
+// ReadPEFTDirLazy is ReadPEFTDir that leaves the LoRA modules' A and B in
+// the weights file, which it keeps open: Factors reads them when needed,
+// so a merge holds one module's factors at a time. Call Close when done.
+func ReadPEFTDirLazy(dir string) (*PEFTAdapter, error) {
+	return readPEFTDir(dir, true)
+}
+
+func readPEFTDir(dir string, lazy bool) (*PEFTAdapter, error) {
 	cfg, err := ReadPEFTConfig(filepath.Join(dir, PEFTConfigFile))
 	if err != nil {
 		return nil, err
 	}
-	mods, saved, err := readPEFTWeights(dir, cfg)
+	f, err := openPEFTWeights(dir)
 	if err != nil {
 		return nil, err
 	}
-	return &PEFTAdapter{Config: cfg, Modules: mods, Saved: saved}, nil
+	mods, saved, err := collectModules(f, cfg, lazy)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("peft adapter %s: %w", f.path, err)
+	}
+	a := &PEFTAdapter{Config: cfg, Modules: mods, Saved: saved}
+	if !lazy {
+		f.Close()
+		return a, nil
+	}
+	a.file = f
+	for i := range a.Modules {
+		a.Modules[i].src = f
+	}
+	return a, nil
 }
 
-func readPEFTWeights(dir string, cfg *PEFTConfig) ([]PEFTModule, []PEFTSaved, error) {
+func openPEFTWeights(dir string) (*SafetensorsFile, error) {
 	wpath := filepath.Join(dir, PEFTWeightsFile)
 	if _, err := os.Stat(wpath); errors.Is(err, os.ErrNotExist) {
 		if _, berr := os.Stat(filepath.Join(dir, "adapter_model.bin")); berr == nil {
-			return nil, nil, fmt.Errorf("peft adapter %s: only %s is supported, found adapter_model.bin (a pickle); convert it to safetensors", dir, PEFTWeightsFile)
+			return nil, fmt.Errorf("peft adapter %s: only %s is supported, found adapter_model.bin (a pickle); convert it to safetensors", dir, PEFTWeightsFile)
 		}
 	}
-	f, err := OpenSafetensors(wpath)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer f.Close()
-	mods, saved, err := collectModules(f, cfg)
-	if err != nil {
-		return nil, nil, fmt.Errorf("peft adapter %s: %w", wpath, err)
-	}
-	return mods, saved, nil
+	return OpenSafetensors(wpath)
 }
 
 // loraKey is a parsed tensor key: a lora_A/lora_B (or embedding) factor,
@@ -286,7 +348,7 @@ func (p *modulePair) firstKey() string {
 	return p.keyB
 }
 
-func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSaved, error) {
+func collectModules(f *SafetensorsFile, cfg *PEFTConfig, lazy bool) ([]PEFTModule, []PEFTSaved, error) {
 	byModule := map[string]*modulePair{}
 	var saved []PEFTSaved
 	savedKeys := map[string]string{}
@@ -408,13 +470,14 @@ func collectModules(f *SafetensorsFile, cfg *PEFTConfig) ([]PEFTModule, []PEFTSa
 		if err != nil {
 			return nil, nil, err
 		}
-		av, err := f.ReadFloat32(p.keyA)
-		if err != nil {
-			return nil, nil, err
-		}
-		bv, err := f.ReadFloat32(p.keyB)
-		if err != nil {
-			return nil, nil, err
+		var av, bv []float32
+		if !lazy {
+			if av, err = f.ReadFloat32(p.keyA); err != nil {
+				return nil, nil, err
+			}
+			if bv, err = f.ReadFloat32(p.keyB); err != nil {
+				return nil, nil, err
+			}
 		}
 		mod := PEFTModule{
 			Name: n, Prefix: p.key.prefix, AdapterName: p.key.adapter,

@@ -501,3 +501,50 @@ func TestWritePEFTAdapterReplacesTogether(t *testing.T) {
 		t.Errorf("beside the adapter folder: %v", entries)
 	}
 }
+
+// TestReadPEFTDirLazy checks that the lazy read leaves A and B in the file,
+// gives the same values as the eager read through Factors and Load, and
+// refuses once closed.
+func TestReadPEFTDirLazy(t *testing.T) {
+	var want []peftExpected
+	loadJSON(t, "testdata/peft_expected.json", &want)
+	eager, err := ReadPEFTDir(fixtureDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lazy, err := ReadPEFTDirLazy(fixtureDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(lazy.Modules) != len(want) || len(eager.Modules) != len(want) {
+		t.Fatalf("%d lazy and %d eager modules, want %d", len(lazy.Modules), len(eager.Modules), len(want))
+	}
+	for i := range lazy.Modules {
+		m := &lazy.Modules[i]
+		if m.A != nil || m.B != nil {
+			t.Fatalf("%s: lazy read holds the factors", m.Name)
+		}
+		a, b, err := m.Factors()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(a, want[i].A) || !reflect.DeepEqual(b, want[i].B) || !reflect.DeepEqual(a, eager.Modules[i].A) {
+			t.Errorf("%s: lazy factors differ from the fixture's", m.Name)
+		}
+		if m.A != nil {
+			t.Errorf("%s: Factors kept the values", m.Name)
+		}
+	}
+	if err := lazy.Modules[0].Load(); err != nil || !reflect.DeepEqual(lazy.Modules[0].A, want[0].A) {
+		t.Errorf("Load: %v", err)
+	}
+	if err := lazy.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := lazy.Modules[0].Factors(); err != nil {
+		t.Errorf("a loaded module's factors after Close: %v", err)
+	}
+	if _, _, err := lazy.Modules[1].Factors(); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("factors of an unread module after Close: %v", err)
+	}
+}

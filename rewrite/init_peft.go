@@ -145,7 +145,7 @@ func planResidualInit(m *graph.Model, dir string, opts MergeOptions) (*plan, err
 	if err := export.WritePEFTAdapter(converted, &cfg, mods); err != nil {
 		return nil, fixTempPath(err, converted, dir)
 	}
-	p, err := planPEFT(m, converted, opts)
+	p, err := planPEFT(m, converted, opts, false) // the folder goes when this returns
 	if err != nil {
 		return nil, fixTempPath(err, converted, dir)
 	}

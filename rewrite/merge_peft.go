@@ -42,10 +42,11 @@ import (
 // options are Merge's; opts.Only names PEFT modules like Targets do (a path
 // or a dotted suffix of it).
 func ApplyPEFT(m *graph.Model, adapterDir string, opts MergeOptions) (*MergeReport, error) {
-	p, err := planPEFT(m, adapterDir, opts)
+	p, err := planPEFT(m, adapterDir, opts, true)
 	if err != nil {
 		return nil, err
 	}
+	defer p.done()
 	return p.applyInMemory()
 }
 
@@ -58,28 +59,37 @@ func ApplyPEFTFile(src, adapterDir, dst string, opts MergeOptions, save graph.Sa
 		return nil, err
 	}
 	defer m.Close()
-	p, err := planPEFT(m, adapterDir, opts)
+	p, err := planPEFT(m, adapterDir, opts, true)
 	if err != nil {
 		return nil, err
 	}
+	defer p.done()
 	return p.save(dst, save)
 }
 
 // planPEFT matches the adapter's modules to layers and plans their merge.
-func planPEFT(m *graph.Model, dir string, opts MergeOptions) (*plan, error) {
+// With lazy, the plan's jobs read each module's factors from the adapter
+// file when they merge it; call the plan's done after.
+func planPEFT(m *graph.Model, dir string, opts MergeOptions, lazy bool) (_ *plan, err error) {
 	// pissa/olora adapters: rebuild the residual init (init_peft.go).
 	if p, err := planResidualInit(m, dir, opts); p != nil || err != nil {
 		return p, err
 	}
-	pm, err := MatchPEFT(m, dir, opts)
+	pm, err := matchPEFT(m, dir, opts, lazy)
 	if err != nil {
 		return nil, err
 	}
+	defer func() {
+		if err != nil {
+			pm.adapter.Close()
+		}
+	}()
 	top := m.Graph()
 	p, err := newPlan(m, top, opts, "peft")
 	if err != nil {
 		return nil, err
 	}
+	p.peft = pm.adapter
 	if un := pm.Unmatched(); len(un) > 0 {
 		if !opts.AllowPartial {
 			return nil, unmatchedError(dir, pm, m)
@@ -120,28 +130,36 @@ func planPEFT(m *graph.Model, dir string, opts MergeOptions) (*plan, error) {
 // addPEFTLoRA plans one LoRA (or embedding LoRA) module's delta.
 func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 	l, mod := as.layer, as.mod
-	if l.Op == opConv {
-		return p.addPEFTConv(as)
-	}
 	r := mod.Rank
 	rep := &MergedLayer{Module: l.Module, PEFTModule: mod.Name, Rank: r, Alpha: mod.Alpha, Scaling: mod.Scaling}
-	if l.Quant == nil && mod.Magnitude == nil && !p.planned(l.Weight.Tensor) {
-		// The job that merges the module converts its factors, so memory
-		// holds the adapter file's values once, not also in float64.
-		if int64(len(mod.A)) != l.In*int64(r) || int64(len(mod.B)) != int64(r)*l.Out {
-			return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", len(mod.A), len(mod.B), l.In, l.Out, r)
+	if l.Op != opConv && l.Quant == nil && mod.Magnitude == nil && !p.planned(l.Weight.Tensor) {
+		// The job that merges the module reads and converts its factors,
+		// so memory holds one module's at a time.
+		na, nb := mod.Rank*mod.InFeatures, mod.OutFeatures*mod.Rank
+		if int64(na) != l.In*int64(r) || int64(nb) != int64(r)*l.Out {
+			return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", na, nb, l.In, l.Out, r)
 		}
 		n := len(p.updates)
 		if err := p.addUpdate(l, nil, nil, r, mod.Scaling, rep); err != nil {
 			return err
 		}
 		p.updates[n].lazyFrom(func() ([]float64, []float64, error) {
-			a, b := peftFactors(mod)
+			a32, b32, err := mod.Factors()
+			if err != nil {
+				return nil, nil, err
+			}
+			a, b := peftFactors(mod, a32, b32)
 			return a, b, nil
 		})
 		return nil
 	}
-	a, b := peftFactors(mod)
+	if err := mod.Load(); err != nil {
+		return err
+	}
+	if l.Op == opConv {
+		return p.addPEFTConv(as)
+	}
+	a, b := peftFactors(mod, mod.A, mod.B)
 	if l.Quant != nil {
 		return p.addQuantUpdate(l, a, b, r, mod.Scaling, rep)
 	}
@@ -151,21 +169,21 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 	return p.addUpdate(l, a, b, r, mod.Scaling, rep)
 }
 
-// peftFactors returns a module's factors as A [in, r] and B [r, out]:
+// peftFactors returns a module's factors pa and pb as A [in, r] and B [r, out]:
 // PEFT's A [r, in] and B [out, r] (for embeddings [r, vocab] and [dim, r])
 // are their transposes.
-func peftFactors(mod *export.PEFTModule) (a, b []float64) {
+func peftFactors(mod *export.PEFTModule, pa, pb []float32) (a, b []float64) {
 	r := mod.Rank
 	a = make([]float64, mod.InFeatures*r)
 	for k := 0; k < r; k++ {
 		for i := 0; i < mod.InFeatures; i++ {
-			a[i*r+k] = float64(mod.A[k*mod.InFeatures+i])
+			a[i*r+k] = float64(pa[k*mod.InFeatures+i])
 		}
 	}
 	b = make([]float64, r*mod.OutFeatures)
 	for j := 0; j < mod.OutFeatures; j++ {
 		for k := 0; k < r; k++ {
-			b[k*mod.OutFeatures+j] = float64(mod.B[j*r+k])
+			b[k*mod.OutFeatures+j] = float64(pb[j*r+k])
 		}
 	}
 	return a, b

@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/onnxlora/onnxlora/export"
 	"github.com/onnxlora/onnxlora/graph"
 	"github.com/onnxlora/onnxlora/graph/onnxpb"
 )
@@ -64,6 +65,7 @@ type newInit struct {
 // plan is everything a merge will do, worked out without changing the
 // model, so that a failure (or Safe) leaves it untouched.
 type plan struct {
+	peft     *export.PEFTAdapter // an adapter file read lazily, closed by done
 	m        *graph.Model
 	top      *graph.Graph
 	opts     MergeOptions
@@ -212,6 +214,13 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 		p.updates[n].lazyFactors(p.m, f.TA, f.TB)
 		return nil
 	})
+}
+
+// done releases what the plan keeps open for its jobs.
+func (p *plan) done() {
+	if p.peft != nil {
+		p.peft.Close()
+	}
 }
 
 // planned reports whether an update already writes w (a stacked adapter's

@@ -62,6 +62,8 @@ type PEFTMatch struct {
 	Assignments []PEFTAssignment `json:"assignments"`
 	// Config is the adapter's configuration.
 	Config *export.PEFTConfig `json:"-"`
+
+	adapter *export.PEFTAdapter // the modules the assignments point into
 }
 
 // Unmatched returns the assignments that found no layer.
@@ -124,15 +126,30 @@ func (e *UnmatchedError) Details() string {
 // keys, selection, ambiguity); unmatched modules and size mismatches are
 // reported in the result.
 func MatchPEFT(m *graph.Model, dir string, opts MergeOptions) (*PEFTMatch, error) {
-	ad, err := export.ReadPEFTDir(dir)
+	return matchPEFT(m, dir, opts, false)
+}
+
+// matchPEFT is MatchPEFT; lazy leaves the factors in the adapter file
+// (export.ReadPEFTDirLazy), open until the match's adapter is closed.
+func matchPEFT(m *graph.Model, dir string, opts MergeOptions, lazy bool) (pm *PEFTMatch, err error) {
+	read := export.ReadPEFTDir
+	if lazy {
+		read = export.ReadPEFTDirLazy
+	}
+	ad, err := read(dir)
 	if err != nil {
 		return nil, err
 	}
+	defer func() {
+		if err != nil {
+			ad.Close()
+		}
+	}()
 	fail := func(err error) error { return fmt.Errorf("peft adapter %s: %w", dir, err) }
 	if err := checkPEFTSelection(ad); err != nil {
 		return nil, fail(err)
 	}
-	pm := &PEFTMatch{Config: ad.Config, Producer: m.Proto.GetProducerName()}
+	pm = &PEFTMatch{Config: ad.Config, Producer: m.Proto.GetProducerName(), adapter: ad}
 	rules := append([]MapRule(nil), opts.Map...)
 	switch opts.Preset {
 	case "", "auto":
