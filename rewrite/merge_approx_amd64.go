@@ -3,6 +3,7 @@
 package rewrite
 
 import (
+	"encoding/binary"
 	"math"
 	"math/bits"
 
@@ -187,11 +188,20 @@ func (ax *approxState) row(u *update, drow, srow []byte, p, c0, n int, st *merge
 		certBF16AVX2(drow, srow, acc, ax.ca[c0:c0+n8], &prm, masks, &cs)
 	}
 	st.changed += cs.pass - cs.equal
+	// The failed lanes' columns, eight mask bytes at a time.
 	fail := ax.fail[:0]
-	for g, m := range masks {
-		for m != 0 {
-			fail = append(fail, g*8+bits.TrailingZeros8(m))
-			m &= m - 1
+	for g := 0; g < len(masks); g += 8 {
+		var w uint64
+		if g+8 <= len(masks) {
+			w = binary.LittleEndian.Uint64(masks[g:])
+		} else {
+			for i, m := range masks[g:] {
+				w |= uint64(m) << (8 * i)
+			}
+		}
+		for w != 0 {
+			fail = append(fail, g*8+bits.TrailingZeros64(w))
+			w &= w - 1
 		}
 	}
 	if len(fail) == 0 {
@@ -207,6 +217,7 @@ func (ax *approxState) row(u *update, drow, srow []byte, p, c0, n int, st *merge
 		// A short last group repeats its last lane.
 		i1, i2, i3 := min(i+1, last), min(i+2, last), min(i+3, last)
 		v0, v1, v2, v3 := ax.col(c0+fail[i]), ax.col(c0+fail[i1]), ax.col(c0+fail[i2]), ax.col(c0+fail[i3])
+		v0, v1, v2, v3 = v0[:len(urow)], v1[:len(urow)], v2[:len(urow)], v3[:len(urow)] // no bounds checks below
 		var a0, a1, a2, a3 float64
 		for k, uk := range urow {
 			a0 += float64(uk * v0[k])

@@ -32,50 +32,64 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 	sw, dw := sdt.BitSize()/8, ddt.BitSize()/8
 	var st mergeStats
 	ax := u.approx()
-	for t0 := 0; t0 < cols; t0 += mergeTile {
+	// tile merges row i's columns [t0, t0+mergeTile).
+	tile := func(i, t0 int) {
 		t1 := min(t0+mergeTile, cols)
+		p := p0 + i
+		c0, c1 := t0, t1
+		if ax != nil {
+			c0 += ax.row(u, dst[(i*cols+c0)*dw:], src[(i*cols+c0)*sw:], p, c0, c1-c0, &st)
+			if c0 == c1 {
+				return
+			}
+		}
+		acc, w := scratch[:c1-c0], scratch[cols:cols+c1-c0]
+		urow := u.u[p*r : (p+1)*r]
+		if !useSIMD || !rankProductSIMD(acc, urow, u.v, cols, c0) {
+			rankProduct(acc, urow, u.v, cols, c0)
+		}
+		srow := src[(i*cols+c0)*sw : (i*cols+c1)*sw]
+		drow := dst[(i*cols+c0)*dw : (i*cols+c1)*dw]
+		if u.scale != nil {
+			scaledRow(drow, srow, acc, w, u, p, c0, &st)
+			return
+		}
+		if sdt == ddt && useSIMD && fusedRowSIMD(sdt, drow, srow, acc, u.coef, &st) {
+			return
+		}
+		if sdt == ddt && fusedRow(sdt, drow, srow, acc, u.coef, &st) {
+			return
+		}
+		graph.DecodeFloatsInto(sdt, w, srow)
+		coef := u.coef
+		for q, a := range acc {
+			// The conversion keeps the compiler from fusing the multiply
+			// into the add, so every platform rounds the same way.
+			d := float64(coef * a)
+			if ad := math.Abs(d); ad > st.maxAbs {
+				st.maxAbs = ad
+			}
+			if d != 0 {
+				st.changed++ // types differ: count what the delta touches
+			}
+			w[q] += d
+		}
+		graph.EncodeFloatsInto(ddt, drow, w)
+		st.nonFinite += countNonFinite(ddt, drow)
+	}
+	if ax != nil && r*cols*4 <= 512<<10 {
+		// The certified kernel's V (float32) stays in the cache whole, so
+		// rows go by in order and src and dst stream.
 		for i := 0; i < n; i++ {
-			p := p0 + i
-			c0, c1 := t0, t1
-			if ax != nil {
-				c0 += ax.row(u, dst[(i*cols+c0)*dw:], src[(i*cols+c0)*sw:], p, c0, c1-c0, &st)
-				if c0 == c1 {
-					continue
-				}
+			for t0 := 0; t0 < cols; t0 += mergeTile {
+				tile(i, t0)
 			}
-			acc, w := scratch[:c1-c0], scratch[cols:cols+c1-c0]
-			urow := u.u[p*r : (p+1)*r]
-			if !useSIMD || !rankProductSIMD(acc, urow, u.v, cols, c0) {
-				rankProduct(acc, urow, u.v, cols, c0)
+		}
+	} else {
+		for t0 := 0; t0 < cols; t0 += mergeTile {
+			for i := 0; i < n; i++ {
+				tile(i, t0)
 			}
-			srow := src[(i*cols+c0)*sw : (i*cols+c1)*sw]
-			drow := dst[(i*cols+c0)*dw : (i*cols+c1)*dw]
-			if u.scale != nil {
-				scaledRow(drow, srow, acc, w, u, p, c0, &st)
-				continue
-			}
-			if sdt == ddt && useSIMD && fusedRowSIMD(sdt, drow, srow, acc, u.coef, &st) {
-				continue
-			}
-			if sdt == ddt && fusedRow(sdt, drow, srow, acc, u.coef, &st) {
-				continue
-			}
-			graph.DecodeFloatsInto(sdt, w, srow)
-			coef := u.coef
-			for q, a := range acc {
-				// The conversion keeps the compiler from fusing the multiply
-				// into the add, so every platform rounds the same way.
-				d := float64(coef * a)
-				if ad := math.Abs(d); ad > st.maxAbs {
-					st.maxAbs = ad
-				}
-				if d != 0 {
-					st.changed++ // types differ: count what the delta touches
-				}
-				w[q] += d
-			}
-			graph.EncodeFloatsInto(ddt, drow, w)
-			st.nonFinite += countNonFinite(ddt, drow)
 		}
 	}
 	if ax != nil {
