@@ -206,11 +206,24 @@ func BenchmarkMergeFile(b *testing.B) {
 	}
 }
 
-// BenchmarkMergeRows times the kernel on one float16 [2048, 5632] weight
-// at r=16 (bytes/s counts the weight once).
+// BenchmarkMergeRows times the kernel on one [2048, 5632] weight at r=16
+// (bytes/s counts the weight once); for float16 and bfloat16 also with the
+// certified float32 kernel off ("/float64"), the baseline in the same run.
 func BenchmarkMergeRows(b *testing.B) {
-	for _, dt := range []graph.DataType{graph.Float16, graph.Float, graph.BFloat16} {
-		b.Run(dt.String(), func(b *testing.B) {
+	for _, c := range []struct {
+		dt      graph.DataType
+		float64 bool
+	}{{graph.Float16, false}, {graph.Float16, true}, {graph.Float, false}, {graph.BFloat16, false}, {graph.BFloat16, true}} {
+		name := c.dt.String()
+		if c.float64 {
+			name += "/float64"
+		}
+		dt := c.dt
+		b.Run(name, func(b *testing.B) {
+			if c.float64 {
+				defer func(old bool) { hasFMA = old }(hasFMA)
+				hasFMA = false
+			}
 			rows, cols, r := 2048, 5632, 16
 			rng := rand.New(rand.NewPCG(1, 2))
 			w := make([]float64, rows*cols)

@@ -14,6 +14,9 @@ func fusedRowSIMD(dt graph.DataType, drow, srow []byte, acc []float64, coef floa
 	return false
 }
 
+// hasFMA gates the certified kernel, which is amd64's only.
+var hasFMA = false
+
 // approxState is the certified kernel's state; there is none here.
 type approxState struct{ max float64 }
 
