@@ -15,7 +15,7 @@ import (
 // in k order (rankProduct). The kernel computes â, the same product in
 // float32 with FMAs (four times the work per instruction), and a bound E
 // on |â - acc| (Higham's dot product bound, from Σk |u_k|·|v_kq| <=
-// max|u|·Σk|v_kq|, with the conversions to float32 counted and a margin).
+// ‖u_p‖·‖v_q‖, with the conversions to float32 counted and a margin).
 // Everything after acc is monotone in acc, so if the two ends of the
 // interval S ± W that holds the float64 sum (S and W in float32, W with
 // every rounding of the float32 steps counted) round to the same value,
@@ -62,8 +62,8 @@ type approxState struct {
 	mu       []float32 // per row: c·‖u_p‖, rounded up
 	vt       []float64 // V transposed, for the lanes computed exactly
 	r        int       // the rank: vt's column length
-	k1, c    float32
-	max      float64 // the exact maximum |delta| of the elements merged so far
+	k1       float32   // |coef|, rounded up
+	max      float64   // the exact maximum |delta| of the elements merged so far
 	acc      []float32
 	masks    []byte
 	// The failed lanes of a call, gathered: columns, exact sums, and the

@@ -98,11 +98,10 @@ func mergeRows(dst, src []byte, u *update, p0, n int, scratch []float64) mergeSt
 	return st
 }
 
-// lazyFactors drops u's decoded factors and has factors decode them again
-// from the adapter's tensors ta [in, r] and tb [r, out] when a job needs
-// them.
-func (u *update) lazyFactors(m *graph.Model, ta, tb *onnxpb.TensorProto) {
-	u.lazyFrom(func() ([]float64, []float64, error) {
+// tensorFactors returns a loader of the adapter's tensors ta [in, r] and
+// tb [r, out], for lazyFrom.
+func tensorFactors(m *graph.Model, ta, tb *onnxpb.TensorProto) func() ([]float64, []float64, error) {
+	return func() ([]float64, []float64, error) {
 		a, err := m.Float64s(ta)
 		if err != nil {
 			return nil, nil, err
@@ -112,7 +111,7 @@ func (u *update) lazyFactors(m *graph.Model, ta, tb *onnxpb.TensorProto) {
 			return nil, nil, err
 		}
 		return a, b, nil
-	})
+	}
 }
 
 // lazyFrom drops u's decoded factors and has factors get them from load,

@@ -135,15 +135,7 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 	if l.Op != opConv && l.Quant == nil && mod.Magnitude == nil && !p.planned(l.Weight.Tensor) {
 		// The job that merges the module reads and converts its factors,
 		// so memory holds one module's at a time.
-		na, nb := mod.Rank*mod.InFeatures, mod.OutFeatures*mod.Rank
-		if int64(na) != l.In*int64(r) || int64(nb) != int64(r)*l.Out {
-			return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", na, nb, l.In, l.Out, r)
-		}
-		n := len(p.updates)
-		if err := p.addUpdate(l, nil, nil, r, mod.Scaling, rep); err != nil {
-			return err
-		}
-		p.updates[n].lazyFrom(func() ([]float64, []float64, error) {
+		return p.addLazyUpdate(l, int64(r*mod.InFeatures), int64(mod.OutFeatures*r), r, mod.Scaling, rep, func() ([]float64, []float64, error) {
 			a32, b32, err := mod.Factors()
 			if err != nil {
 				return nil, nil, err
@@ -151,7 +143,6 @@ func (p *plan) addPEFTLoRA(as *PEFTAssignment) error {
 			a, b := peftFactors(mod, a32, b32)
 			return a, b, nil
 		})
-		return nil
 	}
 	if err := mod.Load(); err != nil {
 		return err

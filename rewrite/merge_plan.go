@@ -211,7 +211,7 @@ func (p *plan) addAdapter(f *foundAdapter) error {
 		}
 		// A and B are decoded again by the job that merges them, so memory
 		// does not grow with the number of adapters (update.factors).
-		p.updates[n].lazyFactors(p.m, f.TA, f.TB)
+		p.updates[n].lazyFrom(tensorFactors(p.m, f.TA, f.TB))
 		return nil
 	})
 }
@@ -233,19 +233,31 @@ func (p *plan) planned(w *onnxpb.TensorProto) bool {
 // merges them decodes them (update.factors), so planning reads no factor
 // bytes and memory does not grow with the number of adapters.
 func (p *plan) addLazy(f *foundAdapter) error {
-	l, r := f.Layer, f.Rank
 	na, errA := graph.NumElements(f.TA.GetDims())
 	nb, errB := graph.NumElements(f.TB.GetDims())
-	if errA != nil || errB != nil || na != l.In*int64(r) || nb != int64(r)*l.Out {
-		return fmt.Errorf("factors %v and %v do not fit a [%d, %d] layer at rank %d", f.TA.GetDims(), f.TB.GetDims(), l.In, l.Out, r)
+	if errA != nil || errB != nil {
+		return fmt.Errorf("factors %v and %v: %w", f.TA.GetDims(), f.TB.GetDims(), errors.Join(errA, errB))
 	}
 	rep := &MergedLayer{Module: f.Module, Rank: f.Rank, Alpha: f.Alpha, Scaling: f.Scaling}
-	n := len(p.updates)
-	if err := p.addUpdate(l, nil, nil, r, f.Scaling, rep); err != nil {
+	if err := p.addLazyUpdate(f.Layer, na, nb, f.Rank, f.Scaling, rep, tensorFactors(p.m, f.TA, f.TB)); err != nil {
 		return err
 	}
-	p.updates[n].lazyFactors(p.m, f.TA, f.TB)
 	p.branches = append(p.branches, f.branch)
+	return nil
+}
+
+// addLazyUpdate is addUpdate from the factors' sizes alone (na values of
+// A, nb of B): load gives A [in, r] and B [r, out] to the job that merges
+// them.
+func (p *plan) addLazyUpdate(l *Layer, na, nb int64, r int, scaling float64, rep *MergedLayer, load func() (a, b []float64, err error)) error {
+	if na != l.In*int64(r) || nb != int64(r)*l.Out {
+		return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", na, nb, l.In, l.Out, r)
+	}
+	n := len(p.updates)
+	if err := p.addUpdate(l, nil, nil, r, scaling, rep); err != nil {
+		return err
+	}
+	p.updates[n].lazyFrom(load)
 	return nil
 }
 
@@ -278,7 +290,7 @@ func (p *plan) addUpdate(l *Layer, a, b []float64, r int, scaling float64, rep *
 	if w.Constant != nil && graph.Attr(w.Constant, "value") == nil {
 		return fmt.Errorf("weight %q is a Constant node without a tensor value", w.Name)
 	}
-	lazy := a == nil && b == nil // addLazy checked the shapes
+	lazy := a == nil && b == nil // addLazyUpdate checked the sizes
 	if !lazy && (int64(len(a)) != l.In*int64(r) || int64(len(b)) != int64(r)*l.Out) {
 		return fmt.Errorf("factors of %d and %d values do not fit a [%d, %d] layer at rank %d", len(a), len(b), l.In, l.Out, r)
 	}
